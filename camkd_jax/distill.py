@@ -1,0 +1,285 @@
+"""The compiled programs: distillation/teacher train step and eval step, sharded over a mesh.
+
+One `jax.jit` program per step does, on the accelerator:
+  uint8 batch -> [0, 1] -> augmentation (same view for both models) -> student view (avg-pool f,
+  bilinear upsample) -> teacher forward (+ Grad-CAM VJP when AT+ is on; no parameter gradients)
+  -> student forward (+ Grad-CAM VJP) -> every loss term with a non-zero weight -> gradient of the
+  total w.r.t. the student's parameters (second order through the Grad-CAM gradient) -> optax update.
+A term whose weight is zero is never traced, so it is absent from the compiled program.
+
+The train state is a plain dict pytree {'step', 'params', 'opt_state', 'rng', 'bad_step',
+'bad_terms'} whose buffers are donated. A non-finite loss term freezes the state at the first bad
+step (parameters are not updated) and records the step and which terms; the driver checks this
+on logging steps and before checkpointing, so no NaN reaches a checkpoint and the hot loop never
+waits on the host.
+"""
+import dataclasses
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from camkd_jax import gradcam
+from camkd_jax import losses
+from camkd_jax import ops
+
+TERMS = ('ce', 'kd', 'fm', 'at', 'sr')
+DATA_AXIS = 'data'
+
+
+# ----------------------------------------------------------------------------- mesh / sharding
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh with a `data` axis over all (global) devices."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, what: str = 'batch_size'):
+  """The global batch must split evenly over the devices of the data axis."""
+  n = mesh.shape[DATA_AXIS]
+  if batch_size % n:
+    raise ValueError(
+        f'{what}={batch_size} is not divisible by the number of devices ({n}); '
+        f'choose a multiple of {n} (e.g. {max(n, batch_size // n * n)}).')
+
+
+def batch_sharding(mesh):
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh):
+  return NamedSharding(mesh, P())
+
+
+def shard_batch(batch: Dict[str, np.ndarray], mesh: Mesh):
+  """Process-local numpy batch -> global arrays sharded on the leading axis."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}
+
+
+def replicate(tree, mesh):
+  """Places a host pytree replicated on every device of the mesh."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def to_host(x):
+  """Global (possibly multi-process sharded) array -> full numpy array on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclasses.dataclass(frozen=True)
+class SaliencySpec:
+  """What the AT term needs: the activations to differentiate and a pure loss on the results.
+
+  loss_fn(student: gradcam.Saliency, teacher: gradcam.Saliency, labels) -> scalar.
+  """
+  layers: Tuple[str, ...] = ('block5',)
+  loss_fn: Optional[Callable[..., Any]] = None
+
+  @classmethod
+  def at_plus(cls, layer='block5', mode='atplus', norm='minmax', temperature=0.01):
+    """The reference AT+: Grad-CAM (ReLU per channel) at one layer, min-max, per-sample RMSE."""
+    cam = gradcam.CAM_MODES[mode]
+
+    def loss_fn(s, t, labels):
+      del labels
+      return losses.at_plus_loss(cam(s.acts[layer], s.grads[layer]),
+                                 cam(t.acts[layer], t.grads[layer]), norm, temperature)
+    return cls((layer,), loss_fn)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Static description of one train step (everything that changes the compiled program)."""
+  factor: int = 1
+  weights: Tuple[Tuple[str, float], ...] = (('ce', 1.0),)
+  temperature: float = 1.0
+  kd_form: str = 'reference'
+  fm_layer: str = 'block5'
+  saliency: SaliencySpec = SaliencySpec.at_plus()
+  augment: Any = None        # camkd_jax.augment.AugmentParams or None
+
+  def weight(self, term):
+    return dict(self.weights).get(term, 0.0)
+
+  @property
+  def active_terms(self):
+    return tuple(t for t in TERMS if self.weight(t) != 0.0)
+
+  @property
+  def needs_teacher(self):
+    return any(self.weight(t) != 0.0 for t in ('kd', 'fm', 'at', 'sr'))
+
+
+def step_config_from_config(config, teacher_stage: bool = False, saliency=None, augment=None):
+  """StepConfig for the student (or, with teacher_stage=True, the CE-only teacher at f=1)."""
+  if teacher_stage:
+    return StepConfig(factor=1, weights=(('ce', 1.0),), augment=augment)
+  weights = tuple((t, float(getattr(config.loss, t))) for t in TERMS)
+  unknown_check = [t for t, w in weights if w < 0]
+  if unknown_check:
+    raise ValueError(f'loss weights must be >= 0; got negative config.loss.{unknown_check[0]}')
+  if saliency is None:
+    saliency = SaliencySpec.at_plus(layer=config.attention.layers.split(',')[0].strip(),
+                                    norm=config.attention.norm,
+                                    temperature=config.attention.temperature)
+  return StepConfig(
+      factor=ops.magnification_factor(config.magnification, config.base_magnification),
+      weights=weights, temperature=float(config.loss.temperature),
+      kd_form=config.loss.kd_form, fm_layer=config.loss.fm_layer, saliency=saliency,
+      augment=augment)
+
+
+def make_optimizer(opt_cfg) -> optax.GradientTransformation:
+  """optax optimiser from `config.optimizer` (adam | sgd | adamw)."""
+  lr = float(opt_cfg.learning_rate)
+  name = opt_cfg.name
+  if name == 'adam':
+    return optax.adam(lr)
+  if name == 'adamw':
+    return optax.adamw(lr)
+  if name == 'sgd':
+    return optax.sgd(lr, momentum=0.9)
+  raise ValueError(f'unknown config.optimizer.name {name!r}; known: adam, adamw, sgd')
+
+
+# ----------------------------------------------------------------------------- state
+def init_params(model, rng, image_size: int):
+  """Random float32 parameters for `model` at `image_size`."""
+  return model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32))['params']
+
+
+def create_train_state(params, tx, rng) -> Dict[str, Any]:
+  """The train state pytree (step 0)."""
+  return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
+          'rng': rng, 'bad_step': jnp.full((), -1, jnp.int32),
+          'bad_terms': jnp.zeros((), jnp.int32)}
+
+
+def decode_bad_terms(mask: int, names: Sequence[str] = TERMS + ('total',)):
+  """Names of the terms flagged in a `bad_terms` bitmask."""
+  return [n for i, n in enumerate(names) if int(mask) >> i & 1]
+
+
+# ----------------------------------------------------------------------------- the step
+def prepare_images(batch_images, rng, augment):
+  """uint8 NHWC -> float32 [0, 1], augmented on device when `augment` params are given."""
+  x = batch_images.astype(jnp.float32) / 255.0
+  if augment is not None and augment.enabled:
+    from camkd_jax import augment as aug  # pylint: disable=g-import-not-at-top
+    x = aug.augment_batch(rng, x, augment)
+  return x
+
+
+def _forward(model, params, x, layers):
+  """Plain forward, or forward + all-class gradients when `layers` is non-empty."""
+  if layers:
+    return gradcam.forward_with_grads(model, {'params': params}, x, layers)
+  logits, acts = model.apply({'params': params}, x)
+  return gradcam.Saliency(logits, acts, {})
+
+
+def compute_losses(cfg: StepConfig, student, params, teacher, teacher_params, x, labels):
+  """All active loss terms for student params on images x (full resolution, float)."""
+  w = cfg.weight
+  at_layers = cfg.saliency.layers if w('at') else ()
+  xs = ops.student_view(x, cfg.factor)
+  t = None
+  if cfg.needs_teacher:
+    t = _forward(teacher, teacher_params, x, at_layers)
+    t = jax.tree_util.tree_map(jax.lax.stop_gradient, t)
+  s = _forward(student, params, xs, at_layers)
+  terms = {}
+  if w('ce'):
+    terms['ce'] = losses.cross_entropy(s.logits, labels)
+  if w('kd'):
+    terms['kd'] = losses.kd_loss(s.logits, t.logits, cfg.temperature, cfg.kd_form)
+  if w('fm'):
+    terms['fm'] = losses.fm_loss(s.acts[cfg.fm_layer], t.acts[cfg.fm_layer])
+  if w('at'):
+    terms['at'] = cfg.saliency.loss_fn(s, t, labels)
+  if w('sr'):
+    on_teacher_head = teacher.apply({'params': teacher_params}, s.acts['pooled'],
+                                    method=teacher.head)
+    terms['sr'] = losses.sr_loss(on_teacher_head, t.logits)
+  total = sum(w(k) * v for k, v in terms.items())
+  return total, terms
+
+
+def _train_step(cfg, student, teacher, tx, state, teacher_params, batch):
+  rng = jax.random.fold_in(state['rng'], state['step'])
+  x = prepare_images(batch['image'], rng, cfg.augment)
+  labels = batch['label']
+
+  def loss_fn(params):
+    return compute_losses(cfg, student, params, teacher, teacher_params, x, labels)
+
+  (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+  updates, new_opt = tx.update(grads, state['opt_state'], state['params'])
+  new_params = optax.apply_updates(state['params'], updates)
+
+  # Non-finite guard: freeze at the first bad step and remember which terms.
+  values = [terms.get(t, jnp.float32(0)) for t in TERMS] + [total]
+  bad_mask = sum(jnp.where(jnp.isfinite(v), 0, 1 << i) for i, v in enumerate(values))
+  grads_ok = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g))
+                                  for g in jax.tree_util.tree_leaves(grads)]))
+  bad_mask = bad_mask + jnp.where(grads_ok, 0, 1 << len(values))
+  ok = (bad_mask == 0) & (state['bad_step'] < 0)
+  keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+  new_state = {
+      'step': state['step'] + 1,
+      'params': keep(new_params, state['params']),
+      'opt_state': keep(new_opt, state['opt_state']),
+      'rng': state['rng'],
+      'bad_step': jnp.where((state['bad_step'] < 0) & (bad_mask != 0), state['step'],
+                            state['bad_step']),
+      'bad_terms': jnp.where(state['bad_terms'] == 0, bad_mask, state['bad_terms']),
+  }
+  metrics = {f'loss/{k}': v for k, v in terms.items()}
+  metrics['loss/total'] = total
+  metrics['grad_norm'] = optax.global_norm(grads)
+  return new_state, metrics
+
+
+def make_train_step(cfg: StepConfig, student, tx, mesh: Mesh, teacher=None, donate=True):
+  """Jitted `train_step(state, teacher_params, batch) -> (state, metrics)` over `mesh`.
+
+  batch = {'image': uint8 (B, H, W, 3), 'label': int32 (B,)}, sharded on `data`; state and teacher
+  params replicated. For the teacher stage pass a CE-only cfg with factor 1 and teacher=None
+  (teacher_params may then be None).
+  """
+  if cfg.needs_teacher and teacher is None:
+    raise ValueError(f'terms {cfg.active_terms} need a teacher model')
+  rep, bat = replicated(mesh), batch_sharding(mesh)
+  fn = lambda state, tparams, batch: _train_step(cfg, student, teacher, tx, state, tparams, batch)
+  return jax.jit(fn, in_shardings=(rep, rep, bat), out_shardings=(rep, rep),
+                 donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(model, factor: int, mesh: Mesh):
+  """Jitted `eval_step(params, images_uint8) -> logits (B, C) float32` on the student view."""
+  def fn(params, images):
+    x = ops.student_view(images.astype(jnp.float32) / 255.0, factor)
+    logits, _ = model.apply({'params': params}, x)
+    return logits
+  return jax.jit(fn, in_shardings=(replicated(mesh), batch_sharding(mesh)),
+                 out_shardings=batch_sharding(mesh))
+
+
+def make_cam_step(model, factor: int, layer: str = 'block5', mode: str = 'atplus'):
+  """Jitted `(params, images_uint8, labels) -> (maps of the true class (B, H, W), probs)`, used
+  for the figures."""
+  def fn(params, images, labels):
+    x = ops.student_view(images.astype(jnp.float32) / 255.0, factor)
+    logits, _, maps = gradcam.gradcam(model, {'params': params}, x, layer, mode)
+    true_maps = jnp.take_along_axis(maps, labels[:, None, None, None], axis=-1)[..., 0]
+    return true_maps, jax.nn.softmax(logits)
+  return jax.jit(fn)

@@ -1,0 +1,117 @@
+"""VGG16 in Flax with the reference's five-block split.
+
+block1 = conv64, relu, conv64, relu, maxpool      (torchvision features.0 .. features.4)
+block2 = conv128 x2 (+relu), maxpool              (features.5 .. features.9)
+block3 = conv256 x3 (+relu), maxpool              (features.10 .. features.16)
+block4 = conv512 x3 (+relu), maxpool              (features.17 .. features.23)
+block5 = conv512, relu, conv512, relu, conv512    (features.24 .. features.28, no final ReLU/pool)
+then global average pooling and a Dense head (`classifier`).
+
+Convolutions are named `features_N` with N the torchvision index, so a torchvision state dict maps one
+to one onto the Flax tree (see camkd_jax/weights.py). The module can run any contiguous range of blocks
+(`start`/`stop`), which is what Grad-CAM needs: the activation at a block is an input of the tail.
+"""
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+BLOCKS = ('block1', 'block2', 'block3', 'block4', 'block5')
+# Output channels of the convolutions of each block (VGG16 configuration "D").
+VGG16_CHANNELS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+
+
+def torchvision_indices(channels=VGG16_CHANNELS):
+  """Torchvision `features.N` index of every conv, as a tuple of tuples per block."""
+  out, index = [], 0
+  for block in channels:
+    idx = []
+    for _ in block:
+      idx.append(index)
+      index += 2  # conv, relu
+    index += 1  # maxpool (the last block's pool position is unused)
+    out.append(tuple(idx))
+  return tuple(out)
+
+
+def layer_order(name):
+  """Position of an activation name in the forward order ('input' first, 'logits' last)."""
+  order = ('input',) + BLOCKS + ('pooled', 'logits')
+  if name not in order:
+    raise ValueError(f'unknown activation {name!r}; known: {list(order)}')
+  return order.index(name)
+
+
+class VGG(nn.Module):
+  """VGG with a GAP + Dense head. Returns `(logits, activations)`.
+
+  Attributes:
+    num_classes: outputs of the Dense head.
+    width: channel multiplier (1.0 = VGG16; 0.125 gives 8..64 channels for CPU demos).
+    dtype: activation/compute dtype; parameters are always float32.
+  """
+  num_classes: int
+  width: float = 1.0
+  dtype: Any = jnp.float32
+  channels: Sequence[Sequence[int]] = VGG16_CHANNELS
+
+  def setup(self):
+    for block, indices in zip(self.channels, torchvision_indices(self.channels)):
+      for ch, idx in zip(block, indices):
+        setattr(self, f'features_{idx}', nn.Conv(
+            max(1, int(round(ch * self.width))), (3, 3), padding=1, dtype=self.dtype,
+            param_dtype=jnp.float32, name=None))
+    self.classifier = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32)
+
+  def _block(self, b, x):
+    indices = torchvision_indices(self.channels)[b]
+    last_block = b == len(self.channels) - 1
+    for j, idx in enumerate(indices):
+      x = getattr(self, f'features_{idx}')(x)
+      if not (last_block and j == len(indices) - 1):
+        x = nn.relu(x)
+    if not last_block:
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    return x
+
+  def __call__(self, x, start: str = 'input', stop: Optional[str] = None,
+               perturb: Optional[Mapping[str, Any]] = None):
+    """Runs the network from activation `start` (x is that activation) up to `stop`.
+
+    Args:
+      x: images in [0, 1] (NHWC) when start == 'input', else the activation named `start`.
+      start: activation x stands for ('input' or 'block1'..'block5').
+      stop: last activation to compute; None runs to the logits.
+      perturb: optional {name: array} added to the named activations. With zeros this is the
+        identity; differentiating with respect to it gives d(output)/d(activation), which is how
+        several Grad-CAM layers share one forward and one backward pass.
+    Returns:
+      (logits or None if stopped early, dict of the activations computed, including `start`).
+    """
+    perturb = perturb or {}
+    acts = {start: x}
+    x = x.astype(self.dtype)
+    first = layer_order(start)  # blocks after `start` run
+    stop_at = layer_order(stop) if stop is not None else layer_order('logits')
+    for b, name in enumerate(BLOCKS):
+      pos = b + 1
+      if pos <= first:
+        continue
+      if pos > stop_at:
+        return None, acts
+      x = self._block(b, x)
+      if name in perturb:
+        x = x + perturb[name].astype(x.dtype)
+      acts[name] = x
+    if stop_at < layer_order('pooled'):
+      return None, acts
+    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    acts['pooled'] = pooled
+    if stop_at < layer_order('logits'):
+      return None, acts
+    logits = self.classifier(pooled.astype(self.dtype)).astype(jnp.float32)
+    return logits, acts
+
+  def head(self, pooled):
+    """The classifier alone (used by the SR term: teacher head on student features)."""
+    return self.classifier(pooled.astype(self.dtype)).astype(jnp.float32)

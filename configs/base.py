@@ -1,0 +1,156 @@
+"""Shared defaults for every camkd_jax config (not a runnable config itself).
+
+Every experiment config calls `base_config(arg)` and then sets its method.
+Config arguments (the text after ':' in `--config file.py:ARGS`) are
+comma-separated `key=value` pairs:
+
+  magnification=2.5      student magnification (10x teacher / power of two)
+  dataset=sicapv2        synthetic_histology | sicapv2 | folder | table
+  data_dir=/path         TFDS data dir; for sicapv2 also the manual dir
+  seeds=22,32,43         run one teacher + one student per seed
+  smoke=1                shrink everything for a quick check (tests, laptops)
+"""
+import ml_collections
+
+# Defaults that depend on the dataset: the embedded synthetic default is sized for
+# a 2-core CPU, SICAPv2 follows the reference (VGG16, 512 px, batch 32, 20 epochs).
+DATASET_DEFAULTS = {
+    'synthetic_histology': dict(image_size=64, width=0.125, batch_size=32,
+                                num_epochs=6, eval_batch_size=128),
+    'sicapv2': dict(image_size=512, width=1.0, batch_size=32, num_epochs=20,
+                    eval_batch_size=64),
+    'folder': dict(image_size=512, width=1.0, batch_size=32, num_epochs=20,
+                   eval_batch_size=64),
+    'table': dict(image_size=512, width=1.0, batch_size=32, num_epochs=20,
+                  eval_batch_size=64),
+}
+
+
+def parse_arg(arg):
+  """Parses 'k=v,k2=v2' (values may hold ';'-separated lists) into a dict."""
+  out = {}
+  if not arg:
+    return out
+  # 'seeds=22,32,43' contains commas: a token without '=' continues the last key.
+  last = None
+  for token in arg.split(','):
+    if '=' in token:
+      key, value = token.split('=', 1)
+      out[key.strip()] = value.strip()
+      last = key.strip()
+    elif last is not None:
+      out[last] += ',' + token.strip()
+    else:
+      raise ValueError(f'config argument {token!r} is not key=value (in {arg!r})')
+  return out
+
+
+KNOWN_ARGS = ('magnification', 'dataset', 'data_dir', 'seeds', 'smoke', 'fold',
+              'root', 'table')
+
+
+def base_config(arg=None):
+  args = parse_arg(arg)
+  unknown = sorted(set(args) - set(KNOWN_ARGS))
+  if unknown:
+    raise ValueError(f'unknown config argument(s) {unknown}; known: {list(KNOWN_ARGS)}')
+  dataset = args.get('dataset', 'synthetic_histology')
+  if dataset not in DATASET_DEFAULTS:
+    raise ValueError(f'unknown dataset {dataset!r}; known: {sorted(DATASET_DEFAULTS)}')
+  d = DATASET_DEFAULTS[dataset]
+
+  c = ml_collections.ConfigDict()
+  c.method = 'ce'                 # set by each experiment config
+  c.seed = 22
+  c.seeds = args.get('seeds', '')  # '22,32,43' -> one teacher + student per seed
+
+  # ---- data --------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.name = dataset
+  c.data.data_dir = args.get('data_dir', '')   # TFDS data_dir ('' = TFDS default)
+  c.data.manual_dir = args.get('data_dir', '') if dataset == 'sicapv2' else ''
+  c.data.fold = args.get('fold', 'Val1')       # sicapv2: Val1..Val4 (or 'Test')
+  c.data.root = args.get('root', '')           # folder dataset root
+  c.data.table = args.get('table', '')         # table dataset: CSV/XLSX path
+  c.data.image_column = 'image'
+  c.data.label_column = ''                     # '' -> one-hot columns = class names
+  c.data.split_ratio = (0.7, 0.15, 0.15)       # folder/table without split dirs
+  c.data.skip_corrupt = False
+  c.data.synthetic_size = 'default'            # synthetic_histology builder config
+  c.image_size = d['image_size']
+  c.balance = True                             # reference oversampling
+  c.shuffle_buffer = 4096
+
+  # ---- resolution ---------------------------------------------------------
+  c.base_magnification = 10.0
+  c.magnification = float(args.get('magnification', 2.5))
+
+  # ---- models ------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'vgg16'
+  c.model.width = d['width']                   # channel multiplier (1.0 = VGG16)
+  c.model.dtype = 'float32'                    # activations: float32 | bfloat16
+  c.model.init_weights = ''                    # torchvision-layout .npz/.safetensors
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.checkpoint = ''                    # '' -> train (or reuse) workdir/teacher
+  c.teacher.num_epochs = d['num_epochs']
+
+  # ---- loss --------------------------------------------------------------
+  c.loss = ml_collections.ConfigDict()
+  c.loss.ce = 1.0
+  c.loss.kd = 0.0
+  c.loss.fm = 0.0
+  c.loss.at = 0.0
+  c.loss.sr = 0.0
+  c.loss.temperature = 1.0
+  c.loss.kd_form = 'reference'                 # reference | hinton
+  c.loss.fm_layer = 'block5'
+
+  # ---- saliency (AT+) ----------------------------------------------------
+  c.attention = ml_collections.ConfigDict()
+  c.attention.map = 'gradcam_plus'             # see camkd_jax.saliency
+  c.attention.norm = 'minmax'                  # minmax | softmax | l2 | none
+  c.attention.distance = 'rmse'                # rmse | mse | l1 | bce | kl | cosine
+  c.attention.temperature = 0.01               # softmax normalisation
+  c.attention.layers = 'block5'                # 'block4,block5'
+  c.attention.layer_weights = ''               # '' -> all 1.0; else '0.5,1.0'
+  c.attention.resize = 'student_to_teacher'    # | teacher_to_student
+
+  # ---- optimisation ------------------------------------------------------
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'adam'
+  c.optimizer.learning_rate = 1e-4
+  c.batch_size = d['batch_size']               # global
+  c.eval_batch_size = d['eval_batch_size']     # global
+  c.num_epochs = d['num_epochs']
+
+  # ---- augmentation (applied on device, inside the step) -----------------
+  c.augment = ml_collections.ConfigDict()
+  c.augment.enabled = True
+  c.augment.prob = 0.5
+  c.augment.flip = True
+  c.augment.rotate = 45.0                      # degrees, 0 = off
+  c.augment.scale = (0.95, 1.20)               # (1, 1) = off
+  c.augment.translate = 0.05                   # fraction of width, 0 = off
+  c.augment.color_jitter = 0.1                 # 0 = off
+
+  # ---- selection, logging, checkpoints ----------------------------------
+  c.selection = ml_collections.ConfigDict()
+  c.selection.metric = 'kappa'
+  c.selection.min_delta = 0.01
+  c.log_every_steps = 20
+  c.max_steps = -1                             # >0 stops early (smoke tests)
+  c.num_figure_images = 6
+  c.overwrite = False
+  c.distributed = False                        # jax.distributed.initialize()
+
+  if args.get('smoke', '0') not in ('', '0', 'false', 'False'):
+    c.image_size = 32
+    c.model.width = 0.0625
+    c.batch_size = 8
+    c.eval_batch_size = 16
+    c.num_epochs = 1
+    c.teacher.num_epochs = 1
+    c.max_steps = 3
+    c.data.synthetic_size = 'smoke'
+  return c
