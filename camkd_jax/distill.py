@@ -128,9 +128,9 @@ def step_config_from_config(config, teacher_stage: bool = False, saliency=None, 
   if unknown_check:
     raise ValueError(f'loss weights must be >= 0; got negative config.loss.{unknown_check[0]}')
   if saliency is None:
-    saliency = SaliencySpec.at_plus(layer=config.attention.layers.split(',')[0].strip(),
-                                    norm=config.attention.norm,
-                                    temperature=config.attention.temperature)
+    # map x norm x distance from config.attention; unknown names fail here, at start-up.
+    from camkd_jax import saliency as saliency_lib  # pylint: disable=g-import-not-at-top
+    saliency = saliency_lib.from_config(config.attention)
   return StepConfig(
       factor=ops.magnification_factor(config.magnification, config.base_magnification),
       weights=weights, temperature=float(config.loss.temperature),
@@ -158,7 +158,9 @@ def init_params(model, rng, image_size: int):
 
 
 def create_train_state(params, tx, rng) -> Dict[str, Any]:
-  """The train state pytree (step 0)."""
+  """The train state pytree (step 0). Params are copied: the step donates the state's buffers,
+  which must not delete the caller's arrays."""
+  params = jax.tree_util.tree_map(jnp.array, params)
   return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
           'rng': rng, 'bad_step': jnp.full((), -1, jnp.int32),
           'bad_terms': jnp.zeros((), jnp.int32)}
@@ -245,7 +247,7 @@ def _train_step(cfg, student, teacher, tx, state, teacher_params, batch):
   }
   metrics = {f'loss/{k}': v for k, v in terms.items()}
   metrics['loss/total'] = total
-  metrics['grad_norm'] = optax.global_norm(grads)
+  metrics['grad_norm'] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
   return new_state, metrics
 
 
