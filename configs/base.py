@@ -69,7 +69,7 @@ def base_config(arg=None):
   c.data.name = dataset
   c.data.data_dir = args.get('data_dir', '')   # TFDS data_dir ('' = TFDS default)
   c.data.manual_dir = args.get('data_dir', '') if dataset == 'sicapv2' else ''
-  c.data.fold = args.get('fold', 'Val1')       # sicapv2: Val1..Val4 (or 'Test')
+  c.data.fold = args.get('fold', 'Val1')       # sicapv2: Val1..Val4
   c.data.root = args.get('root', '')           # folder dataset root
   c.data.table = args.get('table', '')         # table dataset: CSV/XLSX path
   c.data.image_column = 'image'
@@ -77,6 +77,10 @@ def base_config(arg=None):
   c.data.split_ratio = (0.7, 0.15, 0.15)       # folder/table without split dirs
   c.data.skip_corrupt = False
   c.data.synthetic_size = 'default'            # synthetic_histology builder config
+  # -- bring-your-own tables/folders (camkd_jax/datasets/folder.py; data helper) --
+  c.data.class_columns = ''                    # table one-hot columns, 'A,B,C' ('' = all 0/1 ones)
+  c.data.split_column = 'split'                # table column naming train/validation(val)/test
+  c.data.split_seed = 0                        # seeded split when no split folders/column
   c.image_size = d['image_size']
   c.balance = True                             # reference oversampling
   c.shuffle_buffer = 4096
@@ -143,6 +147,11 @@ def base_config(arg=None):
   c.num_figure_images = 6
   c.overwrite = False
   c.distributed = False                        # jax.distributed.initialize()
+
+  # ---- driver (camkd_jax/train.py) -------------------------------------------
+  # Checkpoints are written at every epoch end and also every N steps inside an epoch, so a
+  # killed run loses at most N steps (0: epoch ends only).
+  c.checkpoint_every_steps = 100
 
   if args.get('smoke', '0') not in ('', '0', 'false', 'False'):
     c.image_size = 32

@@ -1,0 +1,151 @@
+"""Orbax checkpoints: the resumable state of a training stage, and exported (finished) models.
+
+Stage checkpoints (`StageCheckpoints`): one orbax step directory holds, atomically,
+  state     the train state pytree of distill.create_train_state (params, opt_state, step, rng,
+            bad_step, bad_terms),
+  best      the parameters of the best epoch so far (by validation metric),
+  progress  JSON: epoch history, the best epoch's metrics, the running loss sums of the current
+            epoch and the config fingerprint.
+Keeping the best parameters inside the same step as the latest state means a kill can never leave
+"best" and "latest" out of step with each other.
+
+Exported models (`save_model` / `load_model`): a directory with `params/` (orbax) and
+`metadata.json` (architecture, input size, class names, metrics). The metadata file is written last
+and marks the export as finished.
+
+All calls are collective (every process calls them); JSON files are written by process 0 only.
+"""
+import json
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+METADATA = 'metadata.json'
+PARAMS = 'params'
+
+
+def abstract_tree(tree):
+  """ShapeDtypeStructs (with shardings) of a pytree of arrays, the target of a restore."""
+  return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class StageCheckpoints:
+  """Latest-state checkpoints of one training stage in `directory` (orbax CheckpointManager)."""
+
+  def __init__(self, directory: str, max_to_keep: int = 2):
+    self.directory = os.path.abspath(directory)
+    # Synchronous saves: the train state's buffers are donated to the next step, and a finished
+    # save is what "the last good checkpoint" promises.
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=False)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=('state', 'best', 'progress'))
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, best_params, progress: Dict[str, Any]):
+    """Saves one step (collective). A step already on disk is left as it is."""
+    if step in self.manager.all_steps():
+      return
+    self.manager.save(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), best=ocp.args.StandardSave(best_params),
+        progress=ocp.args.JsonSave(_jsonable(progress))))
+    self.manager.wait_until_finished()
+
+  def restore(self, step: int, state_template, best_template) -> Tuple[Any, Any, Dict]:
+    """(state, best_params, progress) of `step`, placed like the templates."""
+    out = self.manager.restore(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_tree(state_template)),
+        best=ocp.args.StandardRestore(abstract_tree(best_template)),
+        progress=ocp.args.JsonRestore()))
+    return out['state'], out['best'], dict(out['progress'])
+
+  def close(self):
+    self.manager.close()
+
+
+def save_model(directory: str, params, metadata: Dict[str, Any]):
+  """Exports finished parameters and their metadata (collective)."""
+  directory = os.path.abspath(directory)
+  path = os.path.join(directory, PARAMS)
+  checkpointer = ocp.StandardCheckpointer()
+  if os.path.exists(path):
+    # A previous export that never got its metadata (killed in between): replace it.
+    if jax.process_index() == 0:
+      import shutil  # pylint: disable=g-import-not-at-top
+      shutil.rmtree(path)
+    sync('camkd_jax_save_model_clear')
+  checkpointer.save(path, params)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  write_json(os.path.join(directory, METADATA), metadata)
+
+
+def is_finished_model(directory: str) -> bool:
+  return os.path.isfile(os.path.join(directory, METADATA))
+
+
+def read_metadata(directory: str) -> Dict[str, Any]:
+  path = os.path.join(directory, METADATA)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f'{path} not found: {directory} is not a finished camkd_jax model export (a directory with '
+        f'{PARAMS}/ and {METADATA}, as written to <workdir>/teacher by a teacher run).')
+  with open(path) as f:
+    return json.load(f)
+
+
+def load_model(directory: str, params_template) -> Tuple[Any, Dict[str, Any]]:
+  """(params placed like `params_template`, metadata) of an exported model."""
+  metadata = read_metadata(directory)
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    params = checkpointer.restore(os.path.join(os.path.abspath(directory), PARAMS),
+                                  abstract_tree(params_template))
+  except (ValueError, KeyError) as e:
+    raise ValueError(f'parameters in {directory}/{PARAMS} do not fit the configured model: {e}') \
+        from e
+  finally:
+    checkpointer.close()
+  return params, metadata
+
+
+# ----------------------------------------------------------------------------- small file helpers
+def sync(name: str):
+  """Barrier across processes (no-op with one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def write_json(path: str, obj, barrier: bool = True):
+  """Atomic JSON write by process 0 (temp file + rename), then a barrier."""
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
+      f.write('\n')
+    os.replace(tmp, path)
+  if barrier:
+    sync('camkd_jax_write_json')
+
+
+def _jsonable(obj):
+  """Plain JSON types: numpy scalars -> Python, non-finite floats -> None (valid JSON)."""
+  if isinstance(obj, dict):
+    return {str(k): _jsonable(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_jsonable(v) for v in obj]
+  if isinstance(obj, np.ndarray):
+    return _jsonable(obj.tolist())
+  if isinstance(obj, (np.integer,)):
+    return int(obj)
+  if isinstance(obj, (float, np.floating)):
+    v = float(obj)
+    return v if np.isfinite(v) else None
+  return obj

@@ -1,0 +1,127 @@
+"""Evaluation metrics and running loss means: pure NumPy / scikit-learn, no JAX, no TensorFlow.
+
+The reference selects and reports with scikit-learn's balanced accuracy and quadratic-weighted
+Cohen's kappa; the confusion matrix is reported beside them (rows: true class, columns: predicted).
+"""
+import math
+import warnings
+from typing import Dict, Iterable, Mapping, Sequence
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+def confusion_matrix(labels, preds, num_classes: int) -> np.ndarray:
+  """(C, C) int64 counts; row = true class, column = predicted class."""
+  labels, preds = _check_pair(labels, preds, num_classes)
+  return skm.confusion_matrix(labels, preds, labels=np.arange(num_classes)).astype(np.int64)
+
+
+def balanced_accuracy(labels, preds, num_classes: int) -> float:
+  """Mean over the classes present in `labels` of the per-class recall (scikit-learn)."""
+  labels, preds = _check_pair(labels, preds, num_classes)
+  with warnings.catch_warnings():
+    # Predicting a class absent from the labels is legitimate here (small eval sets).
+    warnings.simplefilter('ignore')
+    return float(skm.balanced_accuracy_score(labels, preds))
+
+
+def quadratic_kappa(labels, preds, num_classes: int) -> float:
+  """Cohen's kappa with quadratic weights over the ordinal classes 0..C-1 (scikit-learn).
+
+  NaN when it is undefined (labels and predictions both constant and equal).
+  """
+  labels, preds = _check_pair(labels, preds, num_classes)
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')
+    return float(skm.cohen_kappa_score(labels, preds, weights='quadratic',
+                                       labels=np.arange(num_classes)))
+
+
+def classification_metrics(labels, preds, num_classes: int) -> Dict[str, object]:
+  """All reported metrics of one split: balanced accuracy, kappa, accuracy, confusion matrix."""
+  labels, preds = _check_pair(labels, preds, num_classes)
+  return {
+      'balanced_accuracy': balanced_accuracy(labels, preds, num_classes),
+      'kappa': quadratic_kappa(labels, preds, num_classes),
+      'accuracy': float(np.mean(labels == preds)),
+      'num_examples': int(labels.size),
+      'confusion_matrix': confusion_matrix(labels, preds, num_classes).tolist(),
+  }
+
+
+def _check_pair(labels, preds, num_classes):
+  labels = np.asarray(labels).reshape(-1).astype(np.int64)
+  preds = np.asarray(preds).reshape(-1).astype(np.int64)
+  if labels.shape != preds.shape:
+    raise ValueError(f'labels {labels.shape} and predictions {preds.shape} differ in length')
+  if labels.size == 0:
+    raise ValueError('no examples to evaluate (empty split?)')
+  for name, v in (('labels', labels), ('predictions', preds)):
+    if v.min() < 0 or v.max() >= num_classes:
+      raise ValueError(f'{name} must lie in [0, {num_classes}); got range '
+                       f'[{v.min()}, {v.max()}]')
+  return labels, preds
+
+
+def improved(value: float, best, min_delta: float) -> bool:
+  """The reference's selection rule: the first value always wins, later ones must beat the best
+  by more than `min_delta`. A non-finite value never wins over a finite best."""
+  if best is None:
+    return True
+  if not math.isfinite(value):
+    return False
+  if not math.isfinite(best):
+    return True
+  return value > best + min_delta
+
+
+def mean_std(values: Sequence[float]) -> Dict[str, float]:
+  """Mean and population standard deviation (ddof=0, as numpy.std) of per-seed values."""
+  v = np.asarray(values, np.float64)
+  return {'mean': float(np.mean(v)), 'std': float(np.std(v))}
+
+
+def summarize(runs: Sequence[Mapping], keys=('balanced_accuracy', 'kappa', 'accuracy')):
+  """Per split: {key_mean, key_std} over runs, each run {'val': {...}, 'test': {...}}."""
+  out = {}
+  for split in ('val', 'test'):
+    out[split] = {}
+    for key in keys:
+      values = [r[split][key] for r in runs if split in r and key in r[split]]
+      if values:
+        ms = mean_std(values)
+        out[split][f'{key}_mean'], out[split][f'{key}_std'] = ms['mean'], ms['std']
+  return out
+
+
+class LossMeans:
+  """Running per-term means of the train losses, in float64, added one step at a time.
+
+  Adding step by step in a fixed order makes the result independent of when the host fetched
+  the values, so a resumed run reports exactly the means of an uninterrupted one. The state is
+  JSON-serialisable so a mid-epoch checkpoint can carry it.
+  """
+
+  def __init__(self, sums: Mapping[str, float] = None, count: int = 0):
+    self.sums = {k: float(v) for k, v in (sums or {}).items()}
+    self.count = int(count)
+
+  def add(self, steps: Iterable[Mapping[str, float]]):
+    for values in steps:
+      for k, v in values.items():
+        self.sums[k] = self.sums.get(k, 0.0) + float(v)
+      self.count += 1
+
+  def means(self) -> Dict[str, float]:
+    if not self.count:
+      return {}
+    return {k: s / self.count for k, s in self.sums.items()}
+
+  def state(self):
+    return {'sums': dict(self.sums), 'count': self.count}
+
+  @classmethod
+  def from_state(cls, state):
+    state = state or {}
+    return cls(state.get('sums'), state.get('count', 0))

@@ -1,0 +1,606 @@
+"""The driver: teacher stage, student stage, evaluation, model selection, checkpoints, reports.
+
+  run(config, workdir)
+    validate the config -> check / write workdir/config.json -> per seed: train_and_evaluate
+    -> metrics.json (+ mean/std over seeds), results.md, a one-screen summary
+  train_and_evaluate(config, workdir)
+    data -> teacher (load workdir/teacher or config.teacher.checkpoint, else train it: CE at f=1)
+    -> student (distillation step at f = 10x / magnification) -> figures/gradcam.png
+
+Both stages run the same loop (`StageRunner`): the compiled step of camkd_jax.distill, evaluation
+of validation and test after every epoch, selection on the validation metric (the reference's
+rule: the first epoch sets the best, later ones must beat it by more than min_delta), and an
+orbax checkpoint at every epoch end and every config.checkpoint_every_steps steps. A rerun of the
+same command resumes from the latest checkpoint and ends with the same numbers: the data order is
+a function of (seed, epoch), the augmentation of fold_in(rng, step), and the running loss sums of
+a partial epoch travel in the checkpoint.
+
+Every process runs this code (multi-host): orbax calls are collective, files are written by
+process 0 only, and evaluation gathers every process's predictions before computing metrics.
+"""
+import dataclasses
+import json
+import os
+import shutil
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from camkd_jax import checkpoints
+from camkd_jax import distill
+from camkd_jax import metrics as metrics_lib
+from camkd_jax import models
+from camkd_jax import ops
+from camkd_jax import reporting
+
+METHODS = ('teacher', 'ce', 'kd', 'fm', 'at', 'sr', 'attn_kd', 'custom')
+DATASETS = ('synthetic_histology', 'sicapv2', 'folder', 'table')
+SELECTION_METRICS = ('kappa', 'balanced_accuracy', 'accuracy')
+# Keys that do not change what a run computes: a workdir may be resumed with other values.
+RESUMABLE_KEYS = ('overwrite', 'distributed', 'log_every_steps', 'checkpoint_every_steps',
+                  'num_figure_images', 'data.data_dir', 'data.manual_dir')
+# Everything a run writes into its workdir (what config.overwrite clears).
+OUTPUTS = ('config.json', 'metrics.json', 'results.md', 'figures', 'tensorboard', 'checkpoints',
+           'teacher', 'student')
+BAD_TERM_NAMES = distill.TERMS + ('total', 'gradients')
+
+
+def is_main() -> bool:
+  return jax.process_index() == 0
+
+
+# ----------------------------------------------------------------------------- config checks
+def validate_config(config, num_devices: int):
+  """Fails early, naming the config key, on anything the run would trip over later."""
+  if config.method not in METHODS:
+    raise ValueError(f'unknown config.method {config.method!r}; known: {list(METHODS)}')
+  if config.data.name not in DATASETS:
+    raise ValueError(f'unknown config.data.name {config.data.name!r}; known: {list(DATASETS)}')
+  if config.selection.metric not in SELECTION_METRICS:
+    raise ValueError(f'unknown config.selection.metric {config.selection.metric!r}; known: '
+                     f'{list(SELECTION_METRICS)}')
+  try:
+    factor = ops.magnification_factor(config.magnification, config.base_magnification)
+  except ValueError as e:
+    raise ValueError(f'config.magnification: {e}') from e
+  if config.image_size % factor:
+    raise ValueError(f'config.image_size={config.image_size} is not divisible by the student '
+                     f'factor {factor} (config.magnification={config.magnification})')
+  for key in ('batch_size', 'eval_batch_size'):
+    value = int(config[key])
+    if value <= 0 or value % num_devices:
+      raise ValueError(f'config.{key}={value} is not a positive multiple of the number of '
+                       f'devices ({num_devices}); choose a multiple of {num_devices}')
+  for key in ('num_epochs', 'log_every_steps'):
+    if int(config[key]) <= 0:
+      raise ValueError(f'config.{key} must be > 0, got {config[key]}')
+  if int(config.teacher.num_epochs) <= 0:
+    raise ValueError(f'config.teacher.num_epochs must be > 0, got {config.teacher.num_epochs}')
+  if int(config.checkpoint_every_steps) < 0:
+    raise ValueError('config.checkpoint_every_steps must be >= 0 (0: only at epoch ends)')
+  if config.teacher.checkpoint and not checkpoints.is_finished_model(config.teacher.checkpoint):
+    checkpoints.read_metadata(config.teacher.checkpoint)  # raises, naming what is missing
+  models.get_model(config.model.name, 2, config.model.width, config.model.dtype)
+  distill.make_optimizer(config.optimizer)
+  parse_seeds(config)
+  step_configs(config)
+
+
+def parse_seeds(config) -> List[int]:
+  """config.seeds '22,32,43' -> [22, 32, 43]; '' -> [config.seed]."""
+  text = str(config.seeds).strip()
+  if not text:
+    return [int(config.seed)]
+  try:
+    seeds = [int(s) for s in text.replace(';', ',').split(',') if s.strip()]
+  except ValueError as e:
+    raise ValueError(f'config.seeds={text!r} must be comma-separated integers') from e
+  if len(set(seeds)) != len(seeds) or not seeds:
+    raise ValueError(f'config.seeds={text!r} must list distinct integers')
+  return seeds
+
+
+def step_configs(config):
+  """(teacher StepConfig, student StepConfig) with the on-device augmentation."""
+  from camkd_jax import augment  # pylint: disable=g-import-not-at-top
+  aug = augment.AugmentParams.from_config(config.augment)
+  teacher = distill.step_config_from_config(config, teacher_stage=True, augment=aug)
+  student = distill.step_config_from_config(config, augment=aug)
+  return teacher, student
+
+
+def default_workdir(config_file: Optional[str], config) -> str:
+  """workdirs/<config name>[_m<magnification>][_<dataset>][_smoke], e.g. workdirs/attn_kd_m2.5."""
+  stem = os.path.splitext(os.path.basename((config_file or 'run').split(':')[0]))[0]
+  name = stem if config.method == 'teacher' else f'{stem}_m{config.magnification:g}'
+  if config.data.name != 'synthetic_histology':
+    name += f'_{config.data.name}'
+  if config.data.synthetic_size == 'smoke' and config.data.name == 'synthetic_histology':
+    name += '_smoke'
+  return os.path.join('workdirs', name)
+
+
+# ----------------------------------------------------------------------------- workdir
+def _flatten(d, prefix=''):
+  out = {}
+  for k, v in d.items():
+    key = f'{prefix}{k}'
+    out.update(_flatten(v, key + '.') if isinstance(v, dict) else {key: v})
+  return out
+
+
+def config_dict(config) -> Dict[str, Any]:
+  return json.loads(config.to_json_best_effort())
+
+
+def config_differences(old: Dict, new: Dict) -> List[str]:
+  """'key: old -> new' for every result-relevant key that differs."""
+  a, b = _flatten(old), _flatten(new)
+  keys = sorted((set(a) | set(b)) - set(RESUMABLE_KEYS))
+  return [f'{k}: {a.get(k, "<absent>")!r} -> {b.get(k, "<absent>")!r}'
+          for k in keys if a.get(k, '<absent>') != b.get(k, '<absent>')]
+
+
+def prepare_workdir(config, workdir: str):
+  """Refuses a workdir holding another config's run (unless config.overwrite), writes config.json."""
+  path = os.path.join(workdir, 'config.json')
+  new = config_dict(config)
+  if os.path.isfile(path):
+    with open(path) as f:
+      old = json.load(f)
+    diff = config_differences(old, new)
+    if diff and not config.overwrite:
+      shown = '\n  '.join(diff[:12]) + ('\n  ...' if len(diff) > 12 else '')
+      raise ValueError(
+          f'{workdir} holds a run of a different config ({len(diff)} key(s) differ):\n  {shown}\n'
+          f'Use another --workdir, or pass --config.overwrite=True to delete that run and start '
+          f'afresh.')
+    if diff:
+      clear_workdir(config, workdir)
+  if is_main():
+    os.makedirs(workdir, exist_ok=True)
+  checkpoints.write_json(path, new)
+
+
+def clear_workdir(config, workdir: str):
+  """Deletes what an earlier run wrote (config.overwrite with a different config)."""
+  teacher = os.path.abspath(config.teacher.checkpoint) if config.teacher.checkpoint else ''
+  if teacher and teacher.startswith(os.path.abspath(workdir) + os.sep):
+    raise ValueError(f'config.teacher.checkpoint={config.teacher.checkpoint} lies inside '
+                     f'{workdir}, which config.overwrite would delete; copy the teacher elsewhere')
+  logging.warning('config.overwrite: deleting the earlier run in %s', workdir)
+  if is_main():
+    for name in os.listdir(workdir):
+      if name in OUTPUTS or name.startswith('seed_'):
+        p = os.path.join(workdir, name)
+        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+  checkpoints.sync('camkd_jax_clear_workdir')
+
+
+# ----------------------------------------------------------------------------- entry points
+def run(config, workdir: str) -> Dict[str, Any]:
+  """Validates `config`, runs every seed in `workdir` and writes metrics.json / results.md."""
+  mesh = distill.make_mesh()
+  validate_config(config, mesh.size)
+  seeds = parse_seeds(config)
+  prepare_workdir(config, workdir)
+  logging.info('workdir %s | method %s | %d device(s), %d process(es) | seeds %s', workdir,
+               config.method, mesh.size, jax.process_count(), seeds)
+  runs = {}
+  for seed in seeds:
+    cfg = config.copy_and_resolve_references()
+    cfg.seed = seed
+    sub = os.path.join(workdir, f'seed_{seed}') if str(config.seeds).strip() else workdir
+    if sub != workdir:
+      checkpoints.write_json(os.path.join(sub, 'config.json'), config_dict(cfg))
+    runs[seed] = train_and_evaluate(cfg, sub, mesh)
+  out = combine_seeds(runs)
+  write_reports(out, workdir)
+  return out
+
+
+def train_and_evaluate(config, workdir: str, mesh=None) -> Dict[str, Any]:
+  """One teacher + one student for config.seed; returns (and writes) the run's metrics."""
+  from camkd_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  mesh = mesh or distill.make_mesh()
+  t0 = time.time()
+  data = input_pipeline.get_data(config, process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+  logging.info('data %s: %s examples, %d classes %s, %d steps/epoch of %d', config.data.name,
+               data.num_examples, data.num_classes, data.class_names, data.steps_per_epoch,
+               data.global_batch_size)
+  teacher_cfg, student_cfg = step_configs(config)
+  model = models.from_config(config.model, data.num_classes)
+  teacher_params, teacher_report = obtain_teacher(config, workdir, data, mesh, model,
+                                                  teacher_cfg)
+  result = {'teacher': teacher_report, 'seeds': [int(config.seed)]}
+  columns = [('teacher', model, teacher_params, 1)]
+  if config.method != 'teacher':
+    stage = Stage('student', config, workdir, model, student_cfg, int(config.num_epochs),
+                  *stage_seeds(config.seed, 2),
+                  teacher_model=model, teacher_params=teacher_params)
+    student_params, report = StageRunner(stage, data, mesh).run()
+    report.update(magnification=float(config.magnification), factor=student_cfg.factor,
+                  method=config.method)
+    checkpoints.save_model(os.path.join(workdir, 'student'), student_params,
+                           model_metadata(config, data, report))
+    result['student'] = report
+    columns.append(('student', model, student_params, student_cfg.factor))
+  if is_main() and config.num_figure_images > 0:
+    save_figure(os.path.join(workdir, 'figures', 'gradcam.png'), columns, data,
+                config.num_figure_images)
+  result['wall_time_s'] = time.time() - t0
+  result['summary'] = summarize_runs([result])
+  checkpoints.write_json(os.path.join(workdir, 'metrics.json'), result)
+  return result
+
+
+# ----------------------------------------------------------------------------- teacher
+def model_metadata(config, data, report) -> Dict[str, Any]:
+  """What a loader must check before using exported parameters."""
+  return {'model': {'name': config.model.name, 'width': float(config.model.width),
+                    'dtype': config.model.dtype},
+          'image_size': int(data.image_size), 'class_names': list(data.class_names),
+          'num_classes': int(data.num_classes), 'seed': int(config.seed),
+          'dataset': config.data.name, 'report': report}
+
+
+def check_teacher_metadata(meta, config, data, path):
+  """Refuses a teacher whose architecture, input size or classes differ from this run's."""
+  want = model_metadata(config, data, None)
+  problems = []
+  for key, have, need in (('model.name', meta['model']['name'], want['model']['name']),
+                          ('model.width', meta['model']['width'], want['model']['width']),
+                          ('image_size', meta['image_size'], want['image_size']),
+                          ('class_names', meta['class_names'], want['class_names'])):
+    if have != need:
+      problems.append(f'{key}: teacher {have!r}, this config {need!r}')
+  if problems:
+    raise ValueError(f'the teacher in {path} does not match this run:\n  ' + '\n  '.join(problems)
+                     + '\nTrain a matching teacher (leave config.teacher.checkpoint empty and use '
+                     'a fresh workdir) or set the config to the teacher\'s values.')
+
+
+def abstract_params(model, image_size, mesh):
+  """Shapes, dtypes and (replicated) shardings of the model's parameters, computing nothing."""
+  shapes = jax.eval_shape(lambda: distill.init_params(model, jax.random.PRNGKey(0), image_size))
+  rep = distill.replicated(mesh)
+  return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
+                                shapes)
+
+
+def obtain_teacher(config, workdir, data, mesh, model, step_cfg):
+  """The teacher's parameters (loaded, or trained and exported to workdir/teacher) + report."""
+  path = config.teacher.checkpoint or os.path.join(workdir, 'teacher')
+  template = abstract_params(model, data.image_size, mesh)
+  if config.teacher.checkpoint or checkpoints.is_finished_model(path):
+    meta = checkpoints.read_metadata(path)
+    check_teacher_metadata(meta, config, data, path)
+    params, meta = checkpoints.load_model(path, template)
+    logging.info('teacher: loaded %s (epoch %s)', path, (meta.get('report') or {}).get('epoch'))
+    report = evaluate_model(model, params, 1, data, mesh)
+    report.update({k: v for k, v in (meta.get('report') or {}).items()
+                   if k in ('epoch', 'step', 'history')})
+    report['checkpoint'] = os.path.abspath(path)
+    return params, report
+  stage = Stage('teacher', config, workdir, model, step_cfg, int(config.teacher.num_epochs),
+                *stage_seeds(config.seed, 1))
+  params, report = StageRunner(stage, data, mesh).run()
+  checkpoints.save_model(path, params, model_metadata(config, data, report))
+  report['checkpoint'] = os.path.abspath(path)
+  return params, report
+
+
+# ----------------------------------------------------------------------------- evaluation
+def predict(eval_step, params, data, split, mesh) -> Tuple[np.ndarray, np.ndarray]:
+  """(labels, predicted classes) of every example of `split`, gathered from all processes."""
+  logits, labels, masks = [], [], []
+  for batch in data.eval_batches(split):
+    g = distill.shard_batch(batch, mesh)
+    logits.append(eval_step(params, g['image']))
+    labels.append(g['label'])
+    masks.append(g['mask'])
+  mask = np.concatenate([distill.to_host(m) for m in masks]).astype(bool)
+  preds = np.concatenate([np.argmax(distill.to_host(x), axis=-1) for x in logits])
+  labels = np.concatenate([distill.to_host(y) for y in labels])
+  return labels[mask], preds[mask]
+
+
+def evaluate(eval_step, params, data, mesh) -> Dict[str, Dict]:
+  """{'val': metrics, 'test': metrics} (balanced accuracy, kappa, accuracy, confusion)."""
+  out = {}
+  for key, split in (('val', 'validation'), ('test', 'test')):
+    labels, preds = predict(eval_step, params, data, split, mesh)
+    out[key] = metrics_lib.classification_metrics(labels, preds, data.num_classes)
+  return out
+
+
+def evaluate_model(model, params, factor, data, mesh):
+  return evaluate(distill.make_eval_step(model, factor, mesh), params, data, mesh)
+
+
+# ----------------------------------------------------------------------------- the stage loop
+@dataclasses.dataclass
+class Stage:
+  """One training stage: the teacher (CE at f=1) or the student (distillation)."""
+  name: str
+  config: Any
+  workdir: str
+  model: Any
+  step_config: distill.StepConfig
+  num_epochs: int
+  init_seed: int                # parameter initialisation
+  train_seed: int               # the train state's key (augmentation: fold_in(key, step))
+  teacher_model: Any = None
+  teacher_params: Any = None
+
+
+def stage_seeds(seed: int, stage_index: int) -> Tuple[int, int]:
+  """(init seed, train seed) of the teacher (stage 1) or the student (stage 2) of a run seed."""
+  base = int(seed) * 7919 + 4 * stage_index
+  return base % 2 ** 31, (base + 1) % 2 ** 31
+
+
+# One compiled initialiser per (model, image size); flax modules hash by their fields.
+_jit_init = jax.jit(distill.init_params, static_argnums=(0, 2))
+
+
+def init_params(model, seed: int, image_size: int):
+  """Random parameters, jitted with an RBG key: XLA compiles threefry-based initialisers of a
+  13-conv network slowly on CPU (~40 s); RngBitGenerator keys compile in a fraction of that."""
+  return _jit_init(model, jax.random.key(seed, impl='rbg'), image_size)
+
+
+def _host_scalar(x) -> int:
+  """A replicated scalar as a Python int (works on every process, multi-host included)."""
+  return int(np.asarray(x.addressable_data(0)))
+
+
+def host_tree(tree):
+  """A replicated pytree as numpy arrays (process-local copy)."""
+  return jax.tree_util.tree_map(lambda a: np.asarray(a.addressable_data(0)), tree)
+
+
+class StageRunner:
+  """Trains one stage with resume, per-epoch evaluation, selection and checkpoints."""
+
+  def __init__(self, stage: Stage, data, mesh):
+    self.stage, self.data, self.mesh = stage, data, mesh
+    cfg = stage.config
+    self.spe = data.steps_per_epoch
+    self.total = stage.num_epochs * self.spe
+    if cfg.max_steps > 0:
+      self.total = min(self.total, int(cfg.max_steps))
+    self.num_epochs = -(-self.total // self.spe)
+    self.tx = distill.make_optimizer(cfg.optimizer)
+    self.ckpt = checkpoints.StageCheckpoints(os.path.join(stage.workdir, 'checkpoints',
+                                                          stage.name))
+    self.writer = reporting.make_writer(os.path.join(stage.workdir, 'tensorboard', stage.name),
+                                        is_main())
+    self.pending: List[Dict[str, Any]] = []
+    self.window = metrics_lib.LossMeans()
+
+  # -- state
+  def init_state(self):
+    """Fresh train state (random or pretrained init), replicated over the mesh."""
+    cfg = self.stage.config
+    params = init_params(self.stage.model, self.stage.init_seed, self.data.image_size)
+    from camkd_jax import weights  # pylint: disable=g-import-not-at-top
+    params = weights.load_pretrained(cfg.model.init_weights, params,
+                                     log=lambda m: logging.info('%s: %s', self.stage.name, m))
+    state = distill.create_train_state(params, self.tx,
+                                       jax.random.PRNGKey(self.stage.train_seed))
+    return distill.replicate(state, self.mesh)
+
+  def restore_or_init(self):
+    state = self.init_state()
+    best = jax.tree_util.tree_map(jnp.copy, state['params'])
+    progress = {'history': [], 'best': None, 'epoch_losses': None}
+    step = self.ckpt.latest_step()
+    if step is not None:
+      state, best, progress = self.ckpt.restore(step, state, best)
+      logging.info('%s: resumed from %s/%d', self.stage.name, self.ckpt.directory, step)
+    self.state, self.best_params, self.progress = state, best, progress
+    self.epoch_losses = metrics_lib.LossMeans.from_state(progress.get('epoch_losses'))
+
+  # -- loop
+  def run(self) -> Tuple[Any, Dict[str, Any]]:
+    """Trains to the end (or resumes); returns (best params, report of the best epoch)."""
+    self.restore_or_init()
+    st = self.stage
+    self.train_step = distill.make_train_step(st.step_config, st.model, self.tx, self.mesh,
+                                              teacher=st.teacher_model)
+    self.eval_step = distill.make_eval_step(st.model, st.step_config.factor, self.mesh)
+    step = _host_scalar(self.state['step'])
+    logging.info('%s: steps %d..%d of %d (%d epoch(s) of %d), factor %d, terms %s', st.name,
+                 step, self.total, self.total, self.num_epochs, self.spe, st.step_config.factor,
+                 st.step_config.active_terms)
+    self.t_start, self.steps_start = time.time(), step
+    while step < self.total:
+      step = self.train_epoch(step)
+      self.end_epoch(step)
+    self.writer.close()
+    self.ckpt.close()
+    return self.best_params, self.report()
+
+  def train_epoch(self, step: int) -> int:
+    """Runs from `step` to the end of its epoch (or self.total); returns the step reached."""
+    epoch, start = divmod(step, self.spe)
+    stop = min((epoch + 1) * self.spe, self.total)
+    every = int(self.stage.config.checkpoint_every_steps)
+    self.t_log, self.steps_log = time.time(), step
+    batches = self.data.train_batches(epoch, start)
+    for batch in batches:
+      self.state, m = self.train_step(self.state, self.stage.teacher_params,
+                                      distill.shard_batch(batch, self.mesh))
+      self.pending.append(m)
+      step += 1
+      if step % self.stage.config.log_every_steps == 0 or step == stop:
+        self.log_train(step, epoch)
+      if every and step % every == 0 and step < stop:
+        self.save(step)
+      if step == stop:
+        return step
+    raise RuntimeError(f'{self.stage.name}: the input pipeline ended epoch {epoch} after step '
+                       f'{step}, before step {stop} (steps_per_epoch={self.spe})')
+
+  def fetch(self):
+    """Pending device metrics -> host, added step by step to the running means."""
+    if not self.pending:
+      return
+    host = [{k: float(v) for k, v in jax.device_get(m).items()} for m in self.pending]
+    self.pending = []
+    self.window.add(host)
+    self.epoch_losses.add(host)
+
+  def check_finite(self, step):
+    """Stops the run at the first non-finite step, before anything of it is saved."""
+    bad = _host_scalar(self.state['bad_step'])
+    if bad < 0:
+      return
+    terms = distill.decode_bad_terms(_host_scalar(self.state['bad_terms']), BAD_TERM_NAMES)
+    raise FloatingPointError(
+        f'{self.stage.name}: non-finite value(s) in {", ".join(terms)} at step {bad} (epoch '
+        f'{bad // self.spe + 1}, step {bad % self.spe} of the epoch); detected at step {step}. '
+        f'Nothing from that step on was saved: the last good checkpoint is step '
+        f'{self.ckpt.latest_step()} in {self.ckpt.directory}. Lower '
+        f'config.optimizer.learning_rate or the loss weights, or check the input data.')
+
+  def log_train(self, step, epoch):
+    self.fetch()
+    self.check_finite(step)
+    means = self.window.means()
+    self.window = metrics_lib.LossMeans()
+    now = time.time()
+    ips = (step - self.steps_log) * self.data.global_batch_size / max(now - self.t_log, 1e-9)
+    rate = (step - self.steps_start) / max(now - self.t_start, 1e-9)
+    eta = (self.total - step) / rate if rate > 0 else None
+    self.t_log, self.steps_log = now, step
+    self.writer.write_scalars(step, {**{f'train/{k}': v for k, v in means.items()},
+                                     'train/learning_rate': self.stage.config.optimizer
+                                     .learning_rate, 'train/images_per_sec': ips})
+    logging.info('%s epoch %d/%d step %d/%d | %s | %.0f img/s | ETA %s', self.stage.name,
+                 epoch + 1, self.num_epochs, step, self.total, reporting.format_losses(means),
+                 ips, reporting.format_duration(eta))
+
+  def end_epoch(self, step):
+    """Evaluates, updates the best parameters and saves the epoch-end checkpoint."""
+    self.fetch()
+    self.check_finite(step)
+    cfg = self.stage.config
+    epoch = (step - 1) // self.spe + 1
+    result = evaluate(self.eval_step, self.state['params'], self.data, self.mesh)
+    entry = {'epoch': epoch, 'step': step, 'train': self.epoch_losses.means(), **result}
+    self.progress['history'].append(entry)
+    self.epoch_losses = metrics_lib.LossMeans()
+    value = result['val'][cfg.selection.metric]
+    best = self.progress['best']
+    new_best = metrics_lib.improved(value, None if best is None else best['value'],
+                                    float(cfg.selection.min_delta))
+    if new_best:
+      self.best_params = jax.tree_util.tree_map(jnp.copy, self.state['params'])
+      self.progress['best'] = {'value': value, **entry}
+    self.write_epoch_scalars(step, entry)
+    logging.info('%s epoch %d/%d | val kappa %.4f bal.acc %.4f | test kappa %.4f bal.acc %.4f | '
+                 'best epoch %d%s', self.stage.name, epoch, self.num_epochs,
+                 result['val']['kappa'], result['val']['balanced_accuracy'],
+                 result['test']['kappa'], result['test']['balanced_accuracy'],
+                 self.progress['best']['epoch'], ' (new)' if new_best else '')
+    self.save(step)
+    self.t_log, self.steps_log = time.time(), step
+
+  def write_epoch_scalars(self, step, entry):
+    scalars = {f'epoch/{k}': v for k, v in entry['train'].items()}
+    for split in ('val', 'test'):
+      for key in ('balanced_accuracy', 'kappa', 'accuracy'):
+        scalars[f'{split}/{key}'] = entry[split][key]
+    self.writer.write_scalars(step, scalars)
+    self.writer.flush()
+
+  def save(self, step):
+    """Checkpoint of `step` (never of a state past a non-finite step)."""
+    self.fetch()
+    self.check_finite(step)
+    self.progress['epoch_losses'] = self.epoch_losses.state()
+    self.ckpt.save(step, self.state, self.best_params, self.progress)
+    self.writer.flush()
+
+  def report(self) -> Dict[str, Any]:
+    best = self.progress['best']
+    history = [{k: v for k, v in h.items()} for h in self.progress['history']]
+    return {'val': best['val'], 'test': best['test'], 'epoch': best['epoch'],
+            'step': best['step'], 'train': best['train'], 'history': history}
+
+
+# ----------------------------------------------------------------------------- reports
+def save_figure(path, columns, data, num_images):
+  """Validation images with each model's input view and Grad-CAM map of the true class."""
+  batch = next(iter(data.eval_batches('validation')))
+  keep = np.flatnonzero(batch['mask'])[:num_images]
+  images, labels = batch['image'][keep], batch['label'][keep]
+  cols = []
+  for title, model, params, factor in columns:
+    cam = distill.make_cam_step(model, factor)
+    maps, probs = cam(host_tree(params), images, labels)
+    view = ops.student_view(jnp.asarray(images, jnp.float32) / 255.0, factor)
+    cols.append({'title': f'{title} ({10.0 / factor:g}x)' if factor > 1 else title,
+                 'view': np.asarray(view), 'maps': np.asarray(maps), 'probs': np.asarray(probs)})
+  reporting.save_gradcam_figure(path, images, labels, data.class_names, cols)
+
+
+def summarize_runs(results: List[Dict]) -> Dict[str, Any]:
+  """mean/std over seeds of each model's val/test metrics."""
+  out = {}
+  for model in ('teacher', 'student'):
+    runs = [r[model] for r in results if model in r]
+    if runs:
+      out[model] = metrics_lib.summarize(runs)
+  return out
+
+
+def combine_seeds(runs: Dict[int, Dict]) -> Dict[str, Any]:
+  """metrics.json of the whole run: one seed as is; several seeds with their means and `runs`."""
+  results = list(runs.values())
+  if len(results) == 1:
+    return results[0]
+  out = {'seeds': [int(s) for s in runs], 'summary': summarize_runs(results),
+         'runs': {str(s): r for s, r in runs.items()}}
+  for model in ('teacher', 'student'):
+    if model in out['summary']:
+      s = out['summary'][model]
+      out[model] = {split: {k[:-5]: v for k, v in s[split].items() if k.endswith('_mean')}
+                    for split in ('val', 'test')}
+      out[model]['epoch'] = [r[model]['epoch'] for r in results]
+      if model == 'student':
+        out[model].update(magnification=results[0]['student']['magnification'],
+                          factor=results[0]['student']['factor'])
+  return out
+
+
+def results_markdown(out: Dict[str, Any]) -> Tuple[str, List[List[str]]]:
+  rows = []
+  runs = out.get('runs') or {str(out['seeds'][0]): out}
+  for seed, r in runs.items():
+    labelled = {f'{m} (seed {seed})': r[m] for m in ('teacher', 'student') if m in r}
+    rows += reporting.results_rows(labelled)
+  if len(runs) > 1:
+    mags = {'student': out['student']['magnification']} if 'student' in out else {}
+    rows += reporting.summary_rows(out['summary'], mags)
+  return reporting.markdown_table(rows), rows
+
+
+def write_reports(out: Dict[str, Any], workdir: str):
+  """metrics.json, results.md and the console summary."""
+  checkpoints.write_json(os.path.join(workdir, 'metrics.json'), out)
+  table, rows = results_markdown(out)
+  if is_main():
+    with open(os.path.join(workdir, 'results.md'), 'w') as f:
+      f.write('# Results\n\nMetrics of the checkpoint selected on validation '
+              'kappa (test reported at that epoch).\n\n' + table)
+    print('\n' + reporting.text_table(rows) + f'\n\noutputs in {os.path.abspath(workdir)}: '
+          'metrics.json, results.md, figures/gradcam.png, tensorboard/, checkpoints/\n',
+          flush=True)

@@ -1,0 +1,257 @@
+r"""The paper's study as one resumable sweep: a teacher per seed, then for every magnification and
+every method a student, summarised as mean +/- std over seeds in RESULTS.md plus a plot.
+
+  # the study on the embedded synthetic dataset (what experiments/RESULTS.md was made with)
+  python experiments/reproduce.py
+  # the same on SICAPv2 with a GPU (defaults of REFERENCE.md: VGG16, 512 px, 20 epochs)
+  python experiments/reproduce.py --dataset=sicapv2 --data_dir=/data/sicapv2 \
+      --out=experiments/RESULTS_sicapv2.md --workdir=workdirs/study_sicapv2
+  # a tiny grid (CI): two cells, a few steps
+  python experiments/reproduce.py --magnifications=2.5 --methods=ce,fm_at --seeds=22 \
+      --smoke --workdir=/tmp/study --out=/tmp/study/RESULTS.md
+  # compare saliency variants (issue 8): any config field can be set for every student
+  python experiments/reproduce.py --methods=at --set=attention.map=gradcam_plus_target
+
+A cell whose workdir holds a finished metrics.json is not recomputed; an interrupted cell resumes
+from its checkpoint. Hyper-parameters are fixed before the sweep (chosen on validation only).
+"""
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+import numpy as np  # pylint: disable=wrong-import-position
+
+# method -> (config module, loss overrides). 'at' is AT+ alone, 'fm_at' the paper's FM + AT+.
+METHODS = {
+    'ce': ('ce_student', {}),
+    'kd': ('kd', {}),
+    'fm': ('fm', {}),
+    'at': ('attn_kd', {'loss.fm': 0.0}),
+    'fm_at': ('attn_kd', {}),
+}
+METHOD_LABELS = {'ce': 'CE only', 'kd': 'KD', 'fm': 'FM', 'at': 'AT+', 'fm_at': 'FM + AT+'}
+SPLITS = ('val', 'test')
+METRICS = ('balanced_accuracy', 'kappa')
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--magnifications', default='5,2.5,1.25,0.625')
+  p.add_argument('--methods', default='ce,kd,fm,at,fm_at')
+  p.add_argument('--seeds', default='22,32,43')
+  p.add_argument('--dataset', default='synthetic_histology')
+  p.add_argument('--data_dir', default='')
+  p.add_argument('--smoke', action='store_true', help='tiny data/model, a few steps (CI)')
+  p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help='config override for every run, e.g. num_epochs=3 (repeatable)')
+  p.add_argument('--workdir', default=os.path.join(REPO, 'workdirs', 'study'))
+  p.add_argument('--out', default=os.path.join(REPO, 'experiments', 'RESULTS.md'))
+  p.add_argument('--plot', default='', help='PNG path (default: next to --out)')
+  p.add_argument('--notes', default='', help='markdown file appended to the report')
+  return p.parse_args(argv)
+
+
+def config_arg(args, magnification=None):
+  parts = [f'dataset={args.dataset}']
+  if args.data_dir:
+    parts.append(f'data_dir={args.data_dir}')
+  if args.smoke:
+    parts.append('smoke=1')
+  if magnification is not None:
+    parts.append(f'magnification={magnification}')
+  return ','.join(parts)
+
+
+def _coerce(old, value):
+  if isinstance(old, bool):
+    return value.lower() in ('1', 'true', 'yes')
+  if isinstance(old, tuple):
+    return tuple(type(old[0])(v) for v in value.split(','))
+  return type(old)(value) if old is not None else value
+
+
+def apply_overrides(config, overrides):
+  """Sets dotted `key=value` fields; an unknown key fails naming it."""
+  for item in overrides:
+    key, _, value = item.partition('=')
+    node, *path = key.split('.')
+    target = config
+    parts = [node] + path
+    for part in parts[:-1]:
+      target = getattr(target, part)
+    if parts[-1] not in target:
+      raise KeyError(f'--set {item!r}: config has no field {key!r}')
+    target[parts[-1]] = _coerce(target[parts[-1]], value) if isinstance(value, str) else value
+  return config
+
+
+def make_config(module, arg, seed, overrides):
+  config = importlib.import_module(f'configs.{module}').get_config(arg)
+  config.seed = int(seed)
+  return apply_overrides(config, overrides)
+
+
+def finished(workdir, key):
+  path = os.path.join(workdir, 'metrics.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    out = json.load(f)
+  return out if key in out else None
+
+
+def cells(args):
+  mags = [float(m) for m in args.magnifications.split(',')]
+  methods = [m.strip() for m in args.methods.split(',')]
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown:
+    raise SystemExit(f'unknown method(s) {unknown}; known: {list(METHODS)}')
+  seeds = [int(s) for s in args.seeds.split(',')]
+  return mags, methods, seeds
+
+
+def run_cell(config, workdir):
+  from camkd_jax import train  # pylint: disable=g-import-not-at-top
+  return train.run(config, workdir)
+
+
+def fmt_eta(seconds):
+  seconds = int(max(0, seconds))
+  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else \
+      f'{seconds // 60}m{seconds % 60:02d}s'
+
+
+def sweep(args):
+  """Runs every missing cell; returns {('teacher', seed) | (method, mag, seed): metrics}."""
+  mags, methods, seeds = cells(args)
+  todo = [('teacher', None, s) for s in seeds] + [
+      (m, g, s) for s in seeds for g in mags for m in methods]
+  results, t0, done_here = {}, time.time(), 0
+  for i, (method, mag, seed) in enumerate(todo):
+    if method == 'teacher':
+      wd = os.path.join(args.workdir, f'teacher_s{seed}')
+      key = 'teacher'
+    else:
+      wd = os.path.join(args.workdir, f'{method}_m{mag:g}_s{seed}')
+      key = 'student'
+    out = finished(wd, key)
+    if out is None:
+      elapsed = time.time() - t0
+      remaining = len(todo) - i
+      eta = elapsed / done_here * remaining if done_here else float('nan')
+      print(f'[study {i + 1}/{len(todo)}] {method} m={mag} seed={seed} -> {wd} '
+            f'(ETA {fmt_eta(eta) if done_here else "?"})', flush=True)
+      if method == 'teacher':
+        config = make_config('teacher', config_arg(args), seed, args.set)
+      else:
+        module, loss = METHODS[method]
+        config = make_config(module, config_arg(args, mag), seed, args.set)
+        apply_overrides(config, [f'{k}={v}' for k, v in loss.items()])
+        config.teacher.checkpoint = os.path.join(args.workdir, f'teacher_s{seed}', 'teacher')
+      out = run_cell(config, wd)
+      done_here += 1
+    results[(method, mag, seed)] = out
+  return results, time.time() - t0
+
+
+def _mean_std(values):
+  v = np.asarray(values, np.float64)
+  return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def aggregate(results):
+  """{(method, mag): {split: {metric: (mean, std, n)}}}, teacher under ('teacher', None)."""
+  groups = {}
+  for (method, mag, _), out in results.items():
+    key = 'teacher' if method == 'teacher' else 'student'
+    groups.setdefault((method, mag), []).append(out[key])
+  table = {}
+  for group, reports in groups.items():
+    table[group] = {split: {m: _mean_std([r[split][m] for r in reports]) + (len(reports),)
+                            for m in METRICS} for split in SPLITS}
+  return table
+
+
+def markdown(table, args, wall, mags, methods):
+  pm = lambda x: f'{x[0]:.3f} ± {x[1]:.3f}'
+  head = ('| method | magnification | val bal. acc. | val kappa | test bal. acc. | test kappa | n |\n'
+          '|---|---|---|---|---|---|---|\n')
+  rows = []
+  t = table[('teacher', None)]
+  rows.append(f'| teacher | 10x | {pm(t["val"]["balanced_accuracy"])} | {pm(t["val"]["kappa"])} '
+              f'| {pm(t["test"]["balanced_accuracy"])} | {pm(t["test"]["kappa"])} '
+              f'| {t["val"]["kappa"][2]} |')
+  for mag in mags:
+    for method in methods:
+      r = table.get((method, mag))
+      if r is None:
+        continue
+      rows.append(f'| {METHOD_LABELS[method]} | {mag:g}x | {pm(r["val"]["balanced_accuracy"])} '
+                  f'| {pm(r["val"]["kappa"])} | {pm(r["test"]["balanced_accuracy"])} '
+                  f'| {pm(r["test"]["kappa"])} | {r["val"]["kappa"][2]} |')
+  cmd = 'python experiments/reproduce.py ' + ' '.join(sys.argv[1:])
+  return (f'# Study results ({args.dataset})\n\n'
+          f'Produced by `{cmd.strip()}` (mean ± sample std over seeds {args.seeds}; '
+          f'the metrics of the checkpoint selected on validation kappa). Sweep wall time in this '
+          f'invocation: {wall / 60:.1f} min (cells already finished are not recounted).\n\n'
+          + head + '\n'.join(rows) + '\n')
+
+
+def plot(table, mags, methods, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  xs = sorted(mags)
+  for method in methods:
+    pts = [(m, table[(method, m)]['test']['kappa']) for m in xs if (method, m) in table]
+    if not pts:
+      continue
+    x = [p[0] for p in pts]
+    y = np.array([p[1][0] for p in pts])
+    e = np.array([p[1][1] for p in pts])
+    ax.errorbar(x, y, yerr=e, marker='o', capsize=3, label=METHOD_LABELS[method])
+  t = table[('teacher', None)]['test']['kappa']
+  ax.axhline(t[0], color='k', ls='--', label=f'teacher 10x ({t[0]:.3f})')
+  ax.set_xscale('log', base=2)
+  ax.set_xticks(xs)
+  ax.set_xticklabels([f'{m:g}x' for m in xs])
+  ax.set_xlabel('student magnification')
+  ax.set_ylabel('test quadratic kappa')
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  mags, methods, _ = cells(args)
+  results, wall = sweep(args)
+  table = aggregate(results)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  plot_path = args.plot or os.path.splitext(args.out)[0] + '_kappa.png'
+  plot(table, mags, methods, plot_path)
+  text = markdown(table, args, wall, mags, methods)
+  text += f'\n![test kappa vs magnification]({os.path.basename(plot_path)})\n'
+  if args.notes and os.path.exists(args.notes):
+    with open(args.notes) as f:
+      text += '\n' + f.read()
+  with open(args.out, 'w') as f:
+    f.write(text)
+  with open(os.path.splitext(args.out)[0] + '.json', 'w') as f:
+    json.dump({f'{k[0]}|{k[1]}': v for k, v in table.items()}, f, indent=1)
+  print(text)
+  return table
+
+
+if __name__ == '__main__':
+  main()

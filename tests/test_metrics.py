@@ -1,0 +1,187 @@
+"""Metrics (hand-computed references) and the reporting helpers (event files, tables)."""
+import math
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from camkd_jax import metrics
+from camkd_jax import reporting
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_confusion_matrix_counts_by_hand():
+  labels = [0, 0, 1, 2, 2, 2]
+  preds = [0, 1, 1, 2, 0, 2]
+  want = [[1, 1, 0],
+          [0, 1, 0],
+          [1, 0, 2]]
+  np.testing.assert_array_equal(metrics.confusion_matrix(labels, preds, 3), want)
+
+
+def test_confusion_matrix_keeps_absent_classes():
+  cm = metrics.confusion_matrix([1, 1], [1, 1], 4)
+  assert cm.shape == (4, 4) and cm[1, 1] == 2 and cm.sum() == 2
+
+
+def test_balanced_accuracy_by_hand():
+  # Recalls: class 0: 1/2, class 1: 1/1, class 2: 2/3 -> mean 13/18.
+  labels = [0, 0, 1, 2, 2, 2]
+  preds = [0, 1, 1, 2, 0, 2]
+  assert metrics.balanced_accuracy(labels, preds, 3) == pytest.approx(13 / 18, abs=1e-12)
+
+
+def test_balanced_accuracy_ignores_classes_absent_from_labels():
+  # Class 3 never occurs in the labels: mean recall over classes 0 and 1 only.
+  assert metrics.balanced_accuracy([0, 0, 1, 1], [0, 3, 1, 1], 4) == pytest.approx(0.75)
+
+
+def test_kappa_two_classes_by_hand():
+  # With 2 classes the quadratic weights are the 0/1 weights: po = 3/4, pe = 1/2 -> 0.5.
+  assert metrics.quadratic_kappa([0, 0, 1, 1], [0, 1, 1, 1], 2) == pytest.approx(0.5)
+
+
+def test_kappa_reversed_order_is_minus_one():
+  # O = anti-diagonal / 3, E = 1/9 everywhere, w_ij = (i - j)^2 / 4:
+  # sum(wO) = 2/3, sum(wE) = 1/3 -> kappa = 1 - 2 = -1.
+  assert metrics.quadratic_kappa([0, 1, 2], [2, 1, 0], 3) == pytest.approx(-1.0)
+
+
+def test_kappa_against_closed_form_on_random_data():
+  rng = np.random.default_rng(0)
+  c = 4
+  labels = rng.integers(0, c, 200)
+  preds = np.clip(labels + rng.integers(-1, 2, 200), 0, c - 1)
+  o = np.zeros((c, c))
+  np.add.at(o, (labels, preds), 1.0)
+  e = np.outer(o.sum(1), o.sum(0)) / o.sum()
+  w = (np.arange(c)[:, None] - np.arange(c)[None, :]) ** 2 / (c - 1) ** 2
+  want = 1 - (w * o).sum() / (w * e).sum()
+  assert metrics.quadratic_kappa(labels, preds, c) == pytest.approx(want, abs=1e-12)
+
+
+def test_kappa_perfect_and_off_by_one():
+  assert metrics.quadratic_kappa([0, 1, 2, 3], [0, 1, 2, 3], 4) == pytest.approx(1.0)
+  # Every prediction one grade off is penalised less than a reversal.
+  assert -1.0 < metrics.quadratic_kappa([0, 1, 2, 3], [1, 2, 3, 2], 4) < 1.0
+
+
+def test_classification_metrics_fields():
+  m = metrics.classification_metrics([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 0, 2], 3)
+  assert m['accuracy'] == pytest.approx(4 / 6)
+  assert m['num_examples'] == 6
+  assert m['balanced_accuracy'] == pytest.approx(13 / 18)
+  assert np.asarray(m['confusion_matrix']).sum() == 6
+
+
+def test_metrics_reject_bad_input():
+  with pytest.raises(ValueError, match=r'labels must lie in \[0, 3\)'):
+    metrics.classification_metrics([0, 3], [0, 1], 3)
+  with pytest.raises(ValueError, match='differ in length'):
+    metrics.classification_metrics([0, 1], [0], 3)
+  with pytest.raises(ValueError, match='no examples'):
+    metrics.classification_metrics([], [], 3)
+
+
+def test_selection_rule():
+  assert metrics.improved(0.1, None, 0.01)               # the first epoch always sets the best
+  assert not metrics.improved(0.51, 0.5, 0.01)           # +0.01 is not "more than 0.01"
+  assert metrics.improved(0.5101, 0.5, 0.01)
+  assert not metrics.improved(0.6, 0.7, 0.01)
+  assert not metrics.improved(float('nan'), 0.5, 0.01)
+  assert metrics.improved(0.2, float('nan'), 0.01)
+
+
+def test_mean_std_population():
+  ms = metrics.mean_std([1.0, 2.0, 3.0])
+  assert ms['mean'] == pytest.approx(2.0) and ms['std'] == pytest.approx(math.sqrt(2 / 3))
+
+
+def test_summarize_over_runs():
+  runs = [{'val': {'kappa': 0.5, 'balanced_accuracy': 0.6}, 'test': {'kappa': 0.4}},
+          {'val': {'kappa': 0.7, 'balanced_accuracy': 0.8}, 'test': {'kappa': 0.2}}]
+  s = metrics.summarize(runs)
+  assert s['val']['kappa_mean'] == pytest.approx(0.6)
+  assert s['val']['kappa_std'] == pytest.approx(0.1)
+  assert s['test']['kappa_mean'] == pytest.approx(0.3)
+  assert 'balanced_accuracy_mean' not in s['test']
+
+
+def test_loss_means_independent_of_grouping_and_serialisable():
+  rng = np.random.default_rng(1)
+  steps = [{'loss/ce': np.float32(v)} for v in rng.normal(size=37)]
+  a = metrics.LossMeans()
+  a.add(steps)
+  b = metrics.LossMeans()
+  b.add(steps[:5])
+  b = metrics.LossMeans.from_state(b.state())  # as through a checkpoint
+  b.add(steps[5:20])
+  b.add(steps[20:])
+  assert a.means() == b.means()
+  want = np.mean(np.asarray([float(s['loss/ce']) for s in steps], np.float64))
+  assert a.means()['loss/ce'] == pytest.approx(want, rel=1e-12)
+  assert metrics.LossMeans().means() == {}
+
+
+# ----------------------------------------------------------------------------- reporting
+def test_crc32c_check_value():
+  # The standard CRC-32C check value (RFC 3720, appendix B.4).
+  assert reporting.crc32c(b'123456789') == 0xE3069283
+  assert reporting.crc32c(b'') == 0
+
+
+def _read_records(path):
+  """TFRecord framing read back by hand, checking both masked CRCs."""
+  out = []
+  with open(path, 'rb') as f:
+    data = f.read()
+  pos = 0
+  while pos < len(data):
+    header = data[pos:pos + 8]
+    (length,) = struct.unpack('<Q', header)
+    (crc_len,) = struct.unpack('<I', data[pos + 8:pos + 12])
+    assert crc_len == reporting._masked_crc(header)  # pylint: disable=protected-access
+    payload = data[pos + 12:pos + 12 + length]
+    (crc_data,) = struct.unpack('<I', data[pos + 12 + length:pos + 16 + length])
+    assert crc_data == reporting._masked_crc(payload)  # pylint: disable=protected-access
+    out.append(payload)
+    pos += 16 + length
+  return out
+
+
+def test_event_writer_round_trip_with_tensorflow_protos(tmp_path):
+  w = reporting.EventWriter(str(tmp_path))
+  w.write_scalars(7, {'val/kappa': 0.25, 'train/loss/ce': 1.5})
+  w.write_scalars(300000, {'val/kappa': -0.5})
+  w.close()
+  files = os.listdir(tmp_path)
+  assert len(files) == 1 and 'tfevents' in files[0]
+  records = _read_records(os.path.join(tmp_path, files[0]))
+  # Decode with TensorFlow's own Event proto (an independent parser).
+  event_pb2 = pytest.importorskip('tensorflow.core.util.event_pb2')
+  events = [event_pb2.Event.FromString(r) for r in records]
+  assert events[0].file_version == 'brain.Event:2'
+  got = [(e.step, v.tag, v.simple_value) for e in events[1:] for v in e.summary.value]
+  assert got == [(7, 'val/kappa', 0.25), (7, 'train/loss/ce', 1.5), (300000, 'val/kappa', -0.5)]
+
+
+def test_markdown_table_and_rows():
+  runs = {'teacher': {'val': {'balanced_accuracy': 0.5, 'kappa': 0.25},
+                      'test': {'balanced_accuracy': 0.75, 'kappa': None}, 'epoch': 3},
+          'student': {'val': {'balanced_accuracy': 0.5, 'kappa': 0.125},
+                      'test': {'balanced_accuracy': 0.5, 'kappa': 0.0}, 'epoch': 2,
+                      'magnification': 2.5}}
+  table = reporting.markdown_table(reporting.results_rows(runs))
+  lines = table.strip().split('\n')
+  assert lines[0].startswith('| model | magnification |')
+  assert lines[2] == '| teacher | 10x | 0.5000 | 0.2500 | 0.7500 | - | 3 |'
+  assert lines[3] == '| student | 2.5x | 0.5000 | 0.1250 | 0.5000 | 0.0000 | 2 |'
+
+
+def test_format_helpers():
+  assert reporting.format_duration(3725) == '1h02m05s'
+  assert reporting.format_duration(65) == '1m05s'
+  assert reporting.format_duration(None) == '?'
+  s = reporting.format_losses({'loss/total': 1.0, 'loss/ce': 0.5, 'loss/at': 0.05})
+  assert s == 'loss 1.0000 (ce 0.500, at 0.050)'

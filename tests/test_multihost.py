@@ -1,0 +1,258 @@
+"""Multi-process data parallelism (issue 6): the real CLI as two processes == one process.
+
+`python -m camkd_jax.main` runs as TWO processes on localhost (CPU backend, gloo collectives, two
+fake devices each, coordinator on a free port chosen at run time) and as ONE process with FOUR
+devices, both fed the same global batches (the smoke config: teacher and AT+ student, 3 steps
+each, augmentation on, evaluation batches that need padding). The tests check that
+  * parameters, losses and metrics of the two runs agree (to float tolerance: only the order of
+    the cross-device sums differs), every evaluation example counted once;
+  * files come from process 0 only (one TensorBoard stream, one summary on the console);
+  * a two-process run killed with SIGKILL in the middle of the student stage and restarted
+    resumes from its (collective, orbax) checkpoint and ends exactly as the uninterrupted run.
+Every launch has a deadline; all its processes are killed as soon as one fails or it runs out.
+A persistent compilation cache shared by the runs keeps the relaunches cheap.
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEADLINE_S = 420                 # per launch, all its processes together (2-core CI: ~1-2 min)
+CONFIG = 'configs/attn_kd.py:smoke=1'
+# 32 validation / test examples: 12 per global batch leaves padded batches on 1 and 2 processes.
+ARGS = ['--config.eval_batch_size=12', '--config.num_figure_images=2']
+FLOAT_RTOL = 1e-4                # two processes vs one: only the reduction order differs
+
+
+# ----------------------------------------------------------------------------- launching
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int, cache_dir: str, extra=None):
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(('CAMKD_', 'JAX_COORDINATOR', 'SLURM_', 'OMPI_', 'XLA_FLAGS'))}
+  env.update(PYTHONPATH=REPO + os.pathsep + env.get('PYTHONPATH', ''), JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             TF_CPP_MIN_LOG_LEVEL='2', CAMKD_INIT_TIMEOUT='120',
+             JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  env.update(extra or {})
+  return env
+
+
+class Launch:
+  """`num_processes` processes of the CLI (a jax.distributed group when > 1), logs in files."""
+
+  def __init__(self, name, workdir, data_dir, num_processes, devices, cache_dir, args=()):
+    self.name, self.workdir, self.procs, self.logs = name, workdir, [], []
+    port = free_port()
+    argv = [sys.executable, '-m', 'camkd_jax.main', '--config', CONFIG, '--workdir', workdir,
+            f'--config.data.data_dir={data_dir}', *ARGS, *args]
+    for i in range(num_processes):
+      extra = {}
+      if num_processes > 1:
+        extra = dict(CAMKD_COORDINATOR=f'localhost:{port}', CAMKD_PROCESS_ID=str(i),
+                     CAMKD_NUM_PROCESSES=str(num_processes))
+      log = open(f'{workdir}.{name}.p{i}.log', 'w')
+      self.logs.append(log.name)
+      # Own session: a kill also reaches any child the process started.
+      self.procs.append(subprocess.Popen(
+          argv, env=_env(devices, cache_dir, extra), cwd=REPO, stdout=log,
+          stderr=subprocess.STDOUT, start_new_session=True))
+      log.close()
+
+  def codes(self):
+    return [p.poll() for p in self.procs]
+
+  def kill(self):
+    for p in self.procs:
+      if p.poll() is None:
+        try:
+          os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+          pass
+    for p in self.procs:
+      p.wait()
+
+  def crashed(self):
+    return any('Traceback (most recent call last)' in self.log(i) for i in range(len(self.logs)))
+
+  def log(self, i=0):
+    with open(self.logs[i]) as f:
+      return f.read()
+
+  def tails(self, n=4000):
+    """Each log from its first traceback (or its end): the Python error, not the crash dump."""
+    out = []
+    for i, name in enumerate(self.logs):
+      text = self.log(i)
+      at = text.find('Traceback (most recent call last)')
+      out.append(f'--- {name}\n' + (text[at:at + n] if at >= 0 else text[-n:]))
+    return '\n'.join(out)
+
+
+def wait(launches, deadline_s=DEADLINE_S, until=None):
+  """Until every process exited 0, or `until()` is true; kills everything on failure/timeout."""
+  t_end = time.time() + deadline_s
+  try:
+    while True:
+      codes = [c for l in launches for c in l.codes()]
+      # A Python error in one process leaves it waiting in the distributed shutdown barrier
+      # (minutes): fail on the traceback, not on the exit code.
+      bad = [l for l in launches if any(c not in (None, 0) for c in l.codes()) or l.crashed()]
+      if bad:
+        raise AssertionError(f'{bad[0].name}: a process failed (exit codes {bad[0].codes()}):\n'
+                             f'{bad[0].tails()}')
+      if until is not None and until():
+        return
+      if all(c == 0 for c in codes):
+        if until is not None:
+          raise AssertionError('the run finished before the condition to stop it was met')
+        return
+      if time.time() > t_end:
+        raise AssertionError(f'timed out after {deadline_s} s:\n' +
+                             '\n'.join(l.tails() for l in launches))
+      time.sleep(0.1)
+  except BaseException:
+    for l in launches:
+      l.kill()
+    raise
+
+
+# ----------------------------------------------------------------------------- reading results
+def load_params(path):
+  """Exported parameters (orbax, written by any number of processes) as numpy arrays."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  ckpt = ocp.StandardCheckpointer()
+  try:
+    tree = ckpt.metadata(path).item_metadata.tree
+    target = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), tree)
+    return ckpt.restore(path, target)
+  finally:
+    ckpt.close()
+
+
+def read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def flatten(obj, prefix=''):
+  """{'a.b.0.c': leaf} of nested dicts / lists."""
+  if isinstance(obj, dict):
+    items = obj.items()
+  elif isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
+    items = enumerate(obj)
+  else:
+    return {prefix[:-1]: obj}
+  out = {}
+  for k, v in items:
+    out.update(flatten(v, f'{prefix}{k}.'))
+  return out
+
+
+def comparable_metrics(path):
+  """metrics.json without what legitimately differs between workdirs (paths, wall time)."""
+  flat = flatten(read_json(path))
+  return {k: v for k, v in flat.items() if not k.endswith(('wall_time_s', '.checkpoint'))}
+
+
+def assert_trees_close(a, b, rtol, atol=0.0, what=''):
+  fa, fb = flatten(a), flatten(b)
+  assert sorted(fa) == sorted(fb), (what, sorted(set(fa) ^ set(fb)))
+  for k in fa:
+    if isinstance(fa[k], float) or isinstance(fb[k], float) or isinstance(fa[k], np.ndarray):
+      np.testing.assert_allclose(fb[k], fa[k], rtol=rtol, atol=atol, err_msg=f'{what}{k}')
+    else:
+      assert fa[k] == fb[k], (f'{what}{k}', fa[k], fb[k])
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope='module')
+def base(tmp_path_factory):
+  root = tmp_path_factory.mktemp('multihost')
+  return {'root': str(root), 'cache': str(root / 'jax_cache'), 'data': str(root / 'tfds'),
+          'data_1p': str(root / 'tfds_1p')}
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(base):
+  """(1-process 4-device run, 2-process 2x2-device run) of the smoke config, run side by side.
+
+  The single process builds its own copy of the dataset; the two processes share one data_dir,
+  which process 0 fills first (distributed.main_process_first)."""
+  t0 = time.time()
+  one = Launch('one', os.path.join(base['root'], 'one'), base['data_1p'], 1, 4, base['cache'])
+  two = Launch('two', os.path.join(base['root'], 'two'), base['data'], 2, 2, base['cache'],
+               ['--config.distributed=True'])
+  wait([one, two])
+  print(f'uninterrupted 1-process and 2-process runs: {time.time() - t0:.1f} s')
+  return one, two
+
+
+# ----------------------------------------------------------------------------- tests
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_four_devices(uninterrupted):
+  one, two = uninterrupted
+  m1 = read_json(os.path.join(one.workdir, 'metrics.json'))
+  m2 = read_json(os.path.join(two.workdir, 'metrics.json'))
+  # Every example of each split evaluated exactly once, whatever the padding.
+  for m in (m1, m2):
+    for model in ('teacher', 'student'):
+      for split in ('val', 'test'):
+        assert m[model][split]['num_examples'] == 32
+        assert sum(map(sum, m[model][split]['confusion_matrix'])) == 32
+  # Same losses (history), metrics and confusion matrices.
+  assert_trees_close(comparable_metrics(os.path.join(one.workdir, 'metrics.json')),
+                     comparable_metrics(os.path.join(two.workdir, 'metrics.json')),
+                     rtol=FLOAT_RTOL, what='metrics.json ')
+  assert m2['student']['step'] == 3 and len(m2['student']['history']) == 1
+  # Same trained parameters (teacher trained here too, then the distilled student).
+  for model in ('teacher', 'student'):
+    p1 = load_params(os.path.join(one.workdir, model, 'params'))
+    p2 = load_params(os.path.join(two.workdir, model, 'params'))
+    assert_trees_close(p1, p2, rtol=FLOAT_RTOL, atol=1e-6, what=f'{model} params ')
+  # Process 0 alone writes reports: one event stream per stage, the summary on its console only.
+  for stage in ('teacher', 'student'):
+    events = os.listdir(os.path.join(two.workdir, 'tensorboard', stage))
+    assert len(events) == 1, events
+  assert 'outputs in' in two.log(0) and 'outputs in' not in two.log(1)
+  assert os.path.isfile(os.path.join(two.workdir, 'figures', 'gradcam.png'))
+
+
+@pytest.mark.slow
+def test_killed_two_process_run_resumes_from_its_checkpoint(base, uninterrupted):
+  _, two = uninterrupted
+  workdir = os.path.join(base['root'], 'killed')
+  first_student_ckpt = os.path.join(workdir, 'checkpoints', 'student', '1')
+  t0 = time.time()
+  # Checkpoints after every step; SIGKILL both processes once the student's step 1 is on disk.
+  killed = Launch('killed', workdir, base['data'], 2, 2, base['cache'],
+                  ['--config.checkpoint_every_steps=1'])
+  wait([killed], until=lambda: os.path.isdir(first_student_ckpt))
+  killed.kill()
+  assert not os.path.exists(os.path.join(workdir, 'metrics.json'))
+  assert not os.path.exists(os.path.join(workdir, 'student', 'metadata.json'))
+  resumed = Launch('resumed', workdir, base['data'], 2, 2, base['cache'],
+                   ['--config.checkpoint_every_steps=1'])
+  wait([resumed])
+  print(f'killed + resumed 2-process runs: {time.time() - t0:.1f} s')
+  log = resumed.log(0)
+  assert 'student: resumed from' in log, resumed.tails()
+  # Same process layout and programs as the uninterrupted run: the same numbers, exactly.
+  assert comparable_metrics(os.path.join(workdir, 'metrics.json')) == \
+      comparable_metrics(os.path.join(two.workdir, 'metrics.json'))
+  for model in ('teacher', 'student'):
+    assert_trees_close(load_params(os.path.join(two.workdir, model, 'params')),
+                       load_params(os.path.join(workdir, model, 'params')), rtol=0.0,
+                       what=f'{model} params ')
