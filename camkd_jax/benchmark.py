@@ -21,6 +21,8 @@ CPU smoke test:
       --warmup=1
 FLOPs only, nothing executed (lower + compile; e.g. the full-size program on a CPU):
   python -m camkd_jax.benchmark --compile_only --programs=distill,teacher,eval
+Every GPU measurement of experiments/BENCHMARKS.md, prioritised, in < 8 minutes:
+  python -m camkd_jax.benchmark --suite=gpu --time_budget_s=420 --json_out=FILE.json
 
 No TensorFlow here: this runs where only JAX is installed.
 """
@@ -92,6 +94,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--a_at', type=float, default=10.0, help='weight of AT+ when on')
   p.add_argument('--a_sr', type=float, default=1.0, help='weight of SR when on')
   p.add_argument('--at_layer', default='block5', help='activation for Grad-CAM / AT+')
+  p.add_argument('--at_map', default='gradcam_plus',
+                 help='saliency map of the AT term (camkd_jax.saliency.MAPS); norm minmax, '
+                      'distance rmse as config.attention defaults')
   p.add_argument('--no_augment', action='store_true',
                  help='leave on-device augmentation out of the train steps (it is in by '
                       'default, as in training)')
@@ -221,8 +226,9 @@ def vgg_conv_flops(image_size: int, width: float, channels=None, num_classes=NUM
 def analytic_flops(program, terms, model_name, image_size, width, batch,
                    exact_padding=True) -> Optional[float]:
   """Conv + head FLOPs of one step: forward F, backward 2F minus the unneeded input gradient of
-  the first conv; the teacher of a distill step adds one forward (its Grad-CAM at block5 only
-  goes through the pooling and the head, negligible). None for non-VGG models."""
+  the first conv; the teacher of a distill step adds one forward. Grad-CAM is taken as free,
+  which holds for AT+ at block5 (its VJP only goes through the pooling and the head; at an
+  earlier layer it would add a partial backward per model). None for non-VGG models."""
   if model_name != 'vgg16':
     return None
   fwd, first_dgrad = vgg_conv_flops(image_size, width, exact_padding=exact_padding)
@@ -291,10 +297,12 @@ def step_config(case: Case, args) -> distill.StepConfig:
   if case.program == 'teacher':
     return distill.StepConfig(factor=1, weights=(('ce', 1.0),), augment=aug)
   weight = {'ce': 1.0, 'kd': args.a_kd, 'fm': args.a_fm, 'at': args.a_at, 'sr': args.a_sr}
+  # The trainer's path: distill.step_config_from_config -> saliency.from_config(config.attention).
+  from camkd_jax import saliency  # pylint: disable=g-import-not-at-top
+  spec = saliency.build(map_name=args.at_map, layers=(args.at_layer,))
   return distill.StepConfig(
       factor=args.factor, weights=tuple((t, weight[t]) for t in case.terms),
-      fm_layer='block5', saliency=distill.SaliencySpec.at_plus(layer=args.at_layer),
-      augment=aug)
+      fm_layer='block5', saliency=spec, augment=aug)
 
 
 @dataclasses.dataclass
@@ -445,6 +453,15 @@ def time_program(compiled, prog: Program, steps: int, warmup: int, pipelined: bo
   return times, cpu_times, total, finite
 
 
+def _cost_analysis(stage):
+  """`stage.cost_analysis()` of a Lowered/Compiled, or None where a JAX version lacks it."""
+  try:
+    return stage.cost_analysis()
+  except Exception as e:  # pylint: disable=broad-except
+    print(f'# cost_analysis unavailable on {type(stage).__name__}: {e!r}', flush=True)
+    return None
+
+
 def _memory(compiled) -> Dict[str, Optional[int]]:
   try:
     m = compiled.memory_analysis()
@@ -475,14 +492,14 @@ def run_case(case: Case, args, mesh, device_kind: str) -> Dict:
   row['maxpool'] = case.maxpool
   with maxpool_impl(case.maxpool):  # tracing happens while lowering
     lowered, row['lower_s'] = _timed(lambda: prog.jitted.lower(*prog.abstract_args))
-  row['flops_unoptimized'] = flops_from_cost(lowered.cost_analysis())
+  row['flops_unoptimized'] = flops_from_cost(_cost_analysis(lowered))
   row['analytic_flops'] = analytic_flops(case.program, case.terms, args.model,
                                          args.image_size, args.width, prog.batch)
   if args.lower_only:
     row['flops'], row['flops_source'] = row['flops_unoptimized'], 'lowered'
     return _finish(row, args, device_kind)
   compiled, row['compile_s'] = _timed(lowered.compile)
-  cost = compiled.cost_analysis()
+  cost = _cost_analysis(compiled)
   row['flops'], row['flops_source'] = flops_from_cost(cost), 'compiled'
   row['flops_compiled'] = row['flops']
   # A backend may count library calls (cuDNN convs, cuBLAS) as 0 FLOPs: a compiled count well

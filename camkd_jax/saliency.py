@@ -298,7 +298,7 @@ def _check_layers(map_name, layers):
                      f"config.attention.layers='{','.join(allowed)}' (got {','.join(layers)!r})")
 
 
-def make_loss(map: str = 'gradcam_plus', norm: str = 'minmax', distance: str = 'rmse',  # pylint: disable=redefined-builtin
+def make_loss(map_name: str = 'gradcam_plus', norm: str = 'minmax', distance: str = 'rmse',
               layers: Sequence[str] = ('block5',), layer_weights: Optional[Sequence[float]] = None,
               resize: str = 'student_to_teacher', temperature: float = 0.01):
   """Checks the parts and returns the pure `loss_fn(student, teacher, labels) -> scalar`.
@@ -306,11 +306,11 @@ def make_loss(map: str = 'gradcam_plus', norm: str = 'minmax', distance: str = '
   student, teacher: `gradcam.Saliency` of the two models (teacher maps get no gradient);
   labels: int (B,). Unknown names and malformed layer lists raise ValueError here, not in the step.
   """
-  map_def = _lookup(MAPS, 'map', map)
+  map_def = _lookup(MAPS, 'map', map_name)
   norm_fn = _lookup(NORMS, 'norm', norm)
   dist_fn = _lookup(DISTANCES, 'distance', distance)
   layers = tuple(layers)
-  _check_layers(map, layers)
+  _check_layers(map_name, layers)
   weights = (1.0,) * len(layers) if not layer_weights else tuple(float(w) for w in layer_weights)
   if len(weights) != len(layers):
     raise ValueError(f'config.attention.layer_weights has {len(weights)} value(s) {list(weights)} '
@@ -326,7 +326,7 @@ def make_loss(map: str = 'gradcam_plus', norm: str = 'minmax', distance: str = '
     for layer, weight in zip(layers, weights):
       s = map_def.fn(student, layer, labels).astype(jnp.float32)
       t = jax.lax.stop_gradient(map_def.fn(teacher, layer, labels)).astype(jnp.float32)
-      _check_maps(map, layer, s, t)
+      _check_maps(map_name, layer, s, t)
       s, t = match_sizes(s, t, resize)
       d = dist_fn(norm_fn(s, temperature), norm_fn(t, temperature))
       if d.shape != (s.shape[0],):
@@ -339,7 +339,7 @@ def make_loss(map: str = 'gradcam_plus', norm: str = 'minmax', distance: str = '
   return loss_fn
 
 
-def build(map: str = 'gradcam_plus', norm: str = 'minmax', distance: str = 'rmse',  # pylint: disable=redefined-builtin
+def build(map_name: str = 'gradcam_plus', norm: str = 'minmax', distance: str = 'rmse',
           layers: Sequence[str] = ('block5',), layer_weights: Optional[Sequence[float]] = None,
           resize: str = 'student_to_teacher', temperature: float = 0.01):
   """The `distill.SaliencySpec` for these parts (see `make_loss`).
@@ -348,15 +348,15 @@ def build(map: str = 'gradcam_plus', norm: str = 'minmax', distance: str = 'rmse
   that read gradients, none for activation-only maps (the step then runs a plain forward, whose
   activations hold every block).
   """
-  loss_fn = make_loss(map, norm, distance, layers, layer_weights, resize, temperature)
-  grad_layers = tuple(layers) if MAPS[map].needs_grads else ()
+  loss_fn = make_loss(map_name, norm, distance, layers, layer_weights, resize, temperature)
+  grad_layers = tuple(layers) if MAPS[map_name].needs_grads else ()
   return distill.SaliencySpec(layers=grad_layers, loss_fn=loss_fn)
 
 
 def from_config(attention_cfg):
   """`distill.SaliencySpec` from `config.attention` (map, norm, distance, layers, layer_weights,
   resize, temperature); every name is checked here, at start-up."""
-  return build(map=attention_cfg.map, norm=attention_cfg.norm, distance=attention_cfg.distance,
+  return build(map_name=attention_cfg.map, norm=attention_cfg.norm, distance=attention_cfg.distance,
                layers=_parse_list(attention_cfg.layers, 'layers'),
                layer_weights=_parse_list(attention_cfg.layer_weights, 'layer_weights', float),
                resize=attention_cfg.resize, temperature=float(attention_cfg.temperature))

@@ -1,4 +1,4 @@
-r"""The benchmark behind experiments/BENCHMARKS.md: the same entry as `python -m camkd_jax.benchmark`.
+r"""The benchmark behind experiments/BENCHMARKS.md; same entry as `python -m camkd_jax.benchmark`.
 
   python experiments/benchmark.py --suite=gpu --time_budget_s=420 \
       --json_out=experiments/results/benchmark_gpu.json

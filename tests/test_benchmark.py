@@ -68,7 +68,8 @@ def test_full_size_vgg16_step_is_about_20_tflop():
 
 def test_lowered_program_flops_match_conv_count():
   """XLA's count of the real (unoptimised) programs = the conv count + a few % of elementwise
-  work (Adam, ReLU, pooling) at this tiny size; a missing or duplicated backward would be off by >= 30 %."""
+  work (Adam, ReLU, pooling) at this tiny size; a missing or duplicated backward would be off
+  by >= 30 %."""
   out = benchmark.main(['--lower_only', '--image_size=32', '--width=0.25', '--batch_size=4',
                         '--dtypes=float32', '--programs=teacher,eval', '--no_augment'])
   for row in out['rows']:

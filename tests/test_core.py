@@ -212,3 +212,13 @@ def test_rmse_zero_difference_has_finite_gradient():
   a = jnp.ones((2, 3))
   g = jax.grad(lambda x: losses.rmse(x, a))(a)
   assert np.all(np.isfinite(g))
+
+
+def test_max_pool_2x2_equals_flax_max_pool_and_numpy():
+  import flax.linen as nn
+  x = np.random.RandomState(5).randn(2, 9, 6, 3).astype(np.float32)
+  got = np.asarray(vgg.max_pool_2x2(jnp.asarray(x)))
+  np.testing.assert_array_equal(got, nn.max_pool(jnp.asarray(x), (2, 2), strides=(2, 2)))
+  want = np.array([[[x[b, 2 * i:2 * i + 2, 2 * j:2 * j + 2, c].max() for c in range(3)]
+                    for j in range(3)] for i in range(4) for b in [0]]).reshape(4, 3, 3)
+  np.testing.assert_array_equal(got[0], want)

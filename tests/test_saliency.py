@@ -185,8 +185,8 @@ def test_distance_against_numpy(name):
   assert got.shape == (4,)
   np.testing.assert_allclose(got, np_distance(name, s, t), rtol=1e-5, atol=1e-6)
   if name != 'bce':                         # BCE keeps the target's entropy
-    same = saliency.DISTANCES[name](jnp.asarray(s[:2], jnp.float32), jnp.asarray(s[:2], jnp.float32))
-    np.testing.assert_allclose(same, 0.0, atol=1e-6)
+    same = jnp.asarray(s[:2], jnp.float32)
+    np.testing.assert_allclose(saliency.DISTANCES[name](same, same), 0.0, atol=1e-6)
 
 
 def _grid(s, t, labels=None, sal_inputs=True):
@@ -270,6 +270,7 @@ def test_norm_distance_pairs_finite_on_degenerate_maps():
 FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
 
+@pytest.mark.slow   # ~20 s on 2 cores: one second-order compile of 168 combinations
 def test_every_combination_finite_on_tiny_model(tiny):
   """All 7 x 4 x 6 built-in combinations, value and gradient w.r.t. the student's parameters
   (second order through the Grad-CAM gradient), for random, all-zero and constant students and
@@ -296,6 +297,17 @@ def test_every_combination_finite_on_tiny_model(tiny):
     assert not _non_finite(grads), f'{case}: non-finite gradients in {_non_finite(grads)}'
     if case == 'random/random':   # the term does reach the student
       assert float(optax.global_norm(grads)) > 0
+      random_values = values
+  # The loss the step runs (make_loss, as selected by config) is the batch mean of these values:
+  # every pair for the default map, and one pair per other map (eager, so kept to 30).
+  s = fwg(p['random'], xs)
+  for (m, n, d), v in random_values.items():
+    if m != 'gradcam_plus' and (n, d) != ('softmax', 'kl'):
+      continue
+    loss = saliency.make_loss(m, n, d, ('input',) if m.startswith('input') else ('block5',),
+                              temperature=TEMP)
+    np.testing.assert_allclose(float(loss(s, tiny['t'], labels)), v.mean(), rtol=2e-5,
+                               atol=1e-6, err_msg=str((m, n, d)))
 
 
 def _attn_config(**attention):
@@ -466,7 +478,8 @@ def test_readme_example_runs_and_changes_the_loss():
                         env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   nums = {}
-  for key, pattern in (('default', r'^default AT\+ .*: +(\S+)$'), ('custom', r'^custom +\(.*: +(\S+)$'),
+  for key, pattern in (('default', r'^default AT\+ .*: +(\S+)$'),
+                       ('custom', r'^custom +\(.*: +(\S+)$'),
                        ('custom gradient', r'^custom gradient norm .*: +(\S+)$')):
     found = re.search(pattern, proc.stdout, re.M)
     assert found, f'{key!r} line missing from the example output:\n{proc.stdout}'

@@ -42,6 +42,15 @@ def layer_order(name):
   return order.index(name)
 
 
+def max_pool_2x2(x):
+  """2x2 max-pool, stride 2, as reshape + max. Same values as nn.max_pool; its gradient is
+  element-wise work instead of XLA's select-and-scatter (measured 22 % less CPU per distillation
+  step at width 0.125 / 64 px). Ties split the gradient; after a ReLU they only occur at zeros,
+  where the ReLU's gradient is zero anyway."""
+  b, h, w, c = x.shape
+  return x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class VGG(nn.Module):
   """VGG with a GAP + Dense head. Returns `(logits, activations)`.
 
@@ -71,7 +80,7 @@ class VGG(nn.Module):
       if not (last_block and j == len(indices) - 1):
         x = nn.relu(x)
     if not last_block:
-      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      x = max_pool_2x2(x)
     return x
 
   def __call__(self, x, start: str = 'input', stop: Optional[str] = None,
