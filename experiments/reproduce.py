@@ -55,6 +55,8 @@ def parse_args(argv=None):
   p.add_argument('--out', default=os.path.join(REPO, 'experiments', 'RESULTS.md'))
   p.add_argument('--plot', default='', help='PNG path (default: next to --out)')
   p.add_argument('--notes', default='', help='markdown file appended to the report')
+  p.add_argument('--report_only', action='store_true',
+                 help='train nothing: summarise the cells already finished')
   return p.parse_args(argv)
 
 
@@ -142,6 +144,8 @@ def sweep(args):
       wd = os.path.join(args.workdir, f'{method}_m{mag:g}_s{seed}')
       key = 'student'
     out = finished(wd, key)
+    if out is None and args.report_only:
+      continue
     if out is None:
       elapsed = time.time() - t0
       remaining = len(todo) - i
@@ -184,8 +188,9 @@ def markdown(table, args, wall, mags, methods):
   head = ('| method | magnification | val bal. acc. | val kappa | test bal. acc. | test kappa | n |\n'
           '|---|---|---|---|---|---|---|\n')
   rows = []
-  t = table[('teacher', None)]
-  rows.append(f'| teacher | 10x | {pm(t["val"]["balanced_accuracy"])} | {pm(t["val"]["kappa"])} '
+  t = table.get(('teacher', None))
+  if t is not None:
+    rows.append(f'| teacher | 10x | {pm(t["val"]["balanced_accuracy"])} | {pm(t["val"]["kappa"])} '
               f'| {pm(t["test"]["balanced_accuracy"])} | {pm(t["test"]["kappa"])} '
               f'| {t["val"]["kappa"][2]} |')
   for mag in mags:
