@@ -28,6 +28,7 @@ except (RuntimeError, ValueError):  # already initialised, or no such device typ
   pass
 
 SPLITS = base.SPLITS
+_ORDER_STREAM = 1  # changing it changes every training order: don't
 
 
 # ---------------------------------------------------------------- orders
@@ -48,7 +49,8 @@ def balanced_indices(labels, num_classes):
 def epoch_order(labels, num_classes, seed, epoch, balance, length):
   """The first `length` train indices of epoch `epoch` (same on every process)."""
   pool = balanced_indices(labels, num_classes) if balance else np.arange(len(labels))
-  rng = np.random.default_rng([seed, epoch, 0x7261696E])  # 'rain': a stream of its own
+  # The trailing constant keeps this stream apart from other draws seeded with config.seed.
+  rng = np.random.default_rng([seed, epoch, _ORDER_STREAM])
   return rng.permutation(pool)[:length]
 
 
@@ -106,13 +108,16 @@ def _batches(examples, positions, batch_size, image_size):
   if len(positions) == 0:
     return
 
-  def gen():
-    for i in positions:
-      yield examples.read(int(i)), examples.labels[i]
-
-  ds = tf.data.Dataset.from_generator(
-      gen, output_signature=(tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int32)))
-  ds = ds.map(lambda data, y: (decode_and_resize(data, image_size), y),
+  labels = examples.labels[positions]
+  if examples.from_files:  # files are read inside the parallel map (no Python in the loop)
+    paths = [examples.items[int(i)] for i in positions]
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+    load = tf.io.read_file
+  else:  # encoded bytes held in memory (one string tensor per split, built once)
+    table = examples.as_tensor()
+    ds = tf.data.Dataset.from_tensor_slices((positions, labels))
+    load = lambda i: tf.gather(table, i)
+  ds = ds.map(lambda data, y: (decode_and_resize(load(data), image_size), y),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(batch_size).prefetch(2)
   it = ds.as_numpy_iterator()

@@ -189,7 +189,8 @@ def test_sicapv2_missing_archive_says_what_and_where(tmp_path):
   with pytest.raises(FileNotFoundError) as e:
     datasets.get_source(_sicap_config(tmp_path, tmp_path / 'nowhere'))
   msg = str(e.value)
-  assert 'nowhere' in msg and '9xxm58dvs3' in msg and 'https://data.mendeley.com' in msg
+  assert 'nowhere' in msg and '9xxm58dvs3' in msg and sicapv2.URL in msg
+  assert sicapv2.URL == 'https://data.mendeley.com/datasets/9xxm58dvs3/2'
   top, _ = fake_sicapv2(tmp_path / 'm2')
   os.remove(os.path.join(top, 'partition', 'Validation', 'Val1', 'Test.xlsx'))
   with pytest.raises(FileNotFoundError, match='Val1/Test.xlsx'):

@@ -251,5 +251,12 @@ def test_synthetic_smoke_end_to_end(tmp_path):
   assert data.steps_per_epoch == 64 // cfg.batch_size
   b = next(data.train_batches(0))
   assert b['image'].shape == (cfg.batch_size, 32, 32, 3) and b['image'].dtype == np.uint8
+  # In-memory (TFDS) path: the batch is the PIL decoding of the stored PNGs, in train order.
+  import io  # pylint: disable=g-import-not-at-top
+  train = data._train  # pylint: disable=protected-access
+  order = data.train_order(0)[:cfg.batch_size]
+  want = np.stack([np.asarray(Image.open(io.BytesIO(train.items[i]))) for i in order])
+  np.testing.assert_array_equal(b['image'], want)
+  np.testing.assert_array_equal(b['label'], train.labels[order])
   total = sum(int(b['mask'].sum()) for b in data.eval_batches('test'))
   assert total == 32

@@ -6,8 +6,6 @@
 
 Only this package and camkd_jax/input_pipeline.py import TensorFlow.
 """
-import os
-
 from absl import logging
 
 KNOWN = ('synthetic_histology', 'sicapv2', 'folder', 'table')

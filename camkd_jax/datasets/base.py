@@ -42,6 +42,13 @@ class Examples:
     return Examples([self.items[i] for i in keep], self.labels[keep],
                     [self.names[i] for i in keep], self.from_files)
 
+  def as_tensor(self):
+    """The encoded images as one tf.string tensor (cached; in-memory examples only)."""
+    if getattr(self, '_tensor', None) is None:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self._tensor = tf.constant(self.items, tf.string)
+    return self._tensor
+
   def read(self, i):
     """Encoded bytes of example i (reads the file for path-backed examples)."""
     if not self.from_files:

@@ -1,4 +1,4 @@
-"""`base.Source` over a prepared TFDS builder; images stay encoded until the pipeline decodes them."""
+"""`base.Source` over a prepared TFDS builder; images stay encoded until the pipeline decodes."""
 import inspect
 
 from etils import epath
