@@ -17,6 +17,7 @@ All calls are collective (every process calls them); JSON files are written by p
 """
 import json
 import os
+import shutil
 from typing import Any, Dict, Optional, Tuple
 
 import jax
@@ -76,7 +77,6 @@ def save_model(directory: str, params, metadata: Dict[str, Any]):
   if os.path.exists(path):
     # A previous export that never got its metadata (killed in between): replace it.
     if jax.process_index() == 0:
-      import shutil  # pylint: disable=g-import-not-at-top
       shutil.rmtree(path)
     sync('camkd_jax_save_model_clear')
   checkpointer.save(path, params)

@@ -243,20 +243,28 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> Dict[str, Any]:
 def model_metadata(config, data, report) -> Dict[str, Any]:
   """What a loader must check before using exported parameters."""
   return {'model': {'name': config.model.name, 'width': float(config.model.width),
-                    'dtype': config.model.dtype},
+                    'dtype': config.model.dtype,
+                    'input_mean': [float(v) for v in config.model.get('input_mean', ())],
+                    'input_std': [float(v) for v in config.model.get('input_std', ())]},
           'image_size': int(data.image_size), 'class_names': list(data.class_names),
           'num_classes': int(data.num_classes), 'seed': int(config.seed),
           'dataset': config.data.name, 'report': report}
 
 
+def _get_path(d, dotted):
+  for k in dotted.split('.'):
+    d = d.get(k, '<absent>') if isinstance(d, dict) else '<absent>'
+  return d
+
+
 def check_teacher_metadata(meta, config, data, path):
-  """Refuses a teacher whose architecture, input size or classes differ from this run's."""
+  """Refuses a teacher whose architecture (name, width, input standardisation), input size or
+  classes differ from this run's."""
   want = model_metadata(config, data, None)
   problems = []
-  for key, have, need in (('model.name', meta['model']['name'], want['model']['name']),
-                          ('model.width', meta['model']['width'], want['model']['width']),
-                          ('image_size', meta['image_size'], want['image_size']),
-                          ('class_names', meta['class_names'], want['class_names'])):
+  for key in ('model.name', 'model.width', 'model.input_mean', 'model.input_std', 'image_size',
+              'class_names'):
+    have, need = _get_path(meta, key), _get_path(want, key)
     if have != need:
       problems.append(f'{key}: teacher {have!r}, this config {need!r}')
   if problems:
@@ -355,14 +363,18 @@ def init_params(model, seed: int, image_size: int):
   return _jit_init(model, jax.random.key(seed, impl='rbg'), image_size)
 
 
+def _host_value(x) -> np.ndarray:
+  """A replicated array as numpy (works on every process, multi-host included)."""
+  return np.asarray(x.addressable_data(0))
+
+
 def _host_scalar(x) -> int:
-  """A replicated scalar as a Python int (works on every process, multi-host included)."""
-  return int(np.asarray(x.addressable_data(0)))
+  return int(_host_value(x))
 
 
 def host_tree(tree):
   """A replicated pytree as numpy arrays (process-local copy)."""
-  return jax.tree_util.tree_map(lambda a: np.asarray(a.addressable_data(0)), tree)
+  return jax.tree_util.tree_map(_host_value, tree)
 
 
 class StageRunner:
@@ -452,7 +464,7 @@ class StageRunner:
     """Pending device metrics -> host, added step by step to the running means."""
     if not self.pending:
       return
-    host = [{k: float(v) for k, v in jax.device_get(m).items()} for m in self.pending]
+    host = [{k: float(_host_value(v)) for k, v in m.items()} for m in self.pending]
     self.pending = []
     self.window.add(host)
     self.epoch_losses.add(host)
@@ -601,6 +613,8 @@ def write_reports(out: Dict[str, Any], workdir: str):
     with open(os.path.join(workdir, 'results.md'), 'w') as f:
       f.write('# Results\n\nMetrics of the checkpoint selected on validation '
               'kappa (test reported at that epoch).\n\n' + table)
+    where = ('seed_*/: figures/gradcam.png, tensorboard/, checkpoints/, teacher/, student/'
+             if 'runs' in out else
+             'figures/gradcam.png, tensorboard/, checkpoints/, teacher/, student/')
     print('\n' + reporting.text_table(rows) + f'\n\noutputs in {os.path.abspath(workdir)}: '
-          'metrics.json, results.md, figures/gradcam.png, tensorboard/, checkpoints/\n',
-          flush=True)
+          f'metrics.json, results.md, {where}\n', flush=True)

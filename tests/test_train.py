@@ -132,6 +132,10 @@ def test_teacher_metadata_mismatch_is_refused():
   with pytest.raises(ValueError, match=r"(?s)teacher in /t does not match.*model.width: teacher "
                                        r"0.5, this config 0.0625.*class_names"):
     train.check_teacher_metadata(meta, config, FakeData, '/t')
+  meta = train.model_metadata(config, FakeData, None)
+  meta['model']['input_std'] = []  # trained without input standardisation
+  with pytest.raises(ValueError, match=r'model.input_std: teacher \[\], this config \[0.123'):
+    train.check_teacher_metadata(meta, config, FakeData, '/t')
 
 
 def test_combine_seeds_mean_and_std():
@@ -254,9 +258,13 @@ input_pipeline.Data.train_batches = _train_batches
 
 
 def _params(path):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  """Exported parameters (saved from 2 devices) restored on this process's single device."""
   import jax  # pylint: disable=g-import-not-at-top
-  tree = ocp.StandardCheckpointer().restore(os.path.join(path, 'params'))
+  from camkd_jax import distill, models  # pylint: disable=g-import-not-at-top
+  config = smoke_config()
+  template = train.abstract_params(models.from_config(config.model, 4), config.image_size,
+                                   distill.make_mesh())
+  tree, _ = checkpoints.load_model(path, template)
   return {jax.tree_util.keystr(k): np.asarray(v)
           for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
