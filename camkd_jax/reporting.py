@@ -1,121 +1,20 @@
 """What a run leaves for people: TensorBoard scalars, the Grad-CAM figure, the results table.
 
-`EventWriter` writes TensorBoard event files directly (TFRecord framing + the Event protobuf, both
-hand-encoded, ~60 lines). Why not clu.metric_writers: clu's writer needs the `tensorboard` Python
-package (and TensorFlow), which this environment and the GPU machines lack; the interface here
-(`write_scalars(step, scalars)`, `flush()`, `close()`) is clu's, so swapping back is one line.
+TensorBoard scalars go through clu's metric writers (process 0 only).
 """
 import os
-import socket
-import struct
-import time
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
 
 # ----------------------------------------------------------------------------- TensorBoard events
-def _crc32c_table():
-  table = []
-  for i in range(256):
-    crc = i
-    for _ in range(8):
-      crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-    table.append(crc)
-  return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  """CRC-32C (Castagnoli), the checksum of TFRecord framing."""
-  crc = 0xFFFFFFFF
-  for byte in data:
-    crc = _CRC_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(value: int) -> bytes:
-  out = bytearray()
-  value &= (1 << 64) - 1
-  while True:
-    bits, value = value & 0x7F, value >> 7
-    out.append(bits | (0x80 if value else 0))
-    if not value:
-      return bytes(out)
-
-
-def _field(number: int, wire_type: int, payload: bytes) -> bytes:
-  key = _varint(number << 3 | wire_type)
-  if wire_type == 2:  # length-delimited
-    return key + _varint(len(payload)) + payload
-  return key + payload
-
-
-def _event(step: int, wall_time: float, summary_values=None, file_version=None) -> bytes:
-  """Serialized tensorflow.Event: wall_time=1 (double), step=2, file_version=3, summary=5."""
-  msg = _field(1, 1, struct.pack('<d', wall_time)) + _field(2, 0, _varint(step))
-  if file_version is not None:
-    msg += _field(3, 2, file_version.encode())
-  if summary_values:
-    values = b''.join(
-        _field(1, 2, _field(1, 2, tag.encode()) + _field(2, 5, struct.pack('<f', value)))
-        for tag, value in summary_values)  # Summary.Value: tag=1, simple_value=2
-    msg += _field(5, 2, values)
-  return msg
-
-
-def _record(data: bytes) -> bytes:
-  length = struct.pack('<Q', len(data))
-  return (length + struct.pack('<I', _masked_crc(length)) + data
-          + struct.pack('<I', _masked_crc(data)))
-
-
-class EventWriter:
-  """Scalars to a TensorBoard event file in `logdir` (same interface as clu's MetricWriter)."""
-
-  def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
-    name = (f'events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}'
-            f'.camkd_jax')
-    self.path = os.path.join(logdir, name)
-    self._file = open(self.path, 'ab')
-    self._file.write(_record(_event(0, time.time(), file_version='brain.Event:2')))
-    self._file.flush()
-
-  def write_scalars(self, step: int, scalars: Mapping[str, float]):
-    values = [(k, float(v)) for k, v in scalars.items()]
-    self._file.write(_record(_event(int(step), time.time(), summary_values=values)))
-
-  def flush(self):
-    self._file.flush()
-
-  def close(self):
-    if not self._file.closed:
-      self._file.close()
-
-
-class NullWriter:
-  """The writer of processes other than 0."""
-
-  def write_scalars(self, step, scalars):
-    pass
-
-  def flush(self):
-    pass
-
-  def close(self):
-    pass
-
-
 def make_writer(logdir: str, is_main: bool):
-  return EventWriter(logdir) if is_main else NullWriter()
+  """clu metric writer: TensorBoard scalars in `logdir` on process 0, a no-op elsewhere."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  if not is_main:
+    return metric_writers.MultiWriter([])
+  return metric_writers.SummaryWriter(logdir)
 
 
 # ----------------------------------------------------------------------------- tables

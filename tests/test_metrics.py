@@ -125,45 +125,26 @@ def test_loss_means_independent_of_grouping_and_serialisable():
 
 
 # ----------------------------------------------------------------------------- reporting
-def test_crc32c_check_value():
-  # The standard CRC-32C check value (RFC 3720, appendix B.4).
-  assert reporting.crc32c(b'123456789') == 0xE3069283
-  assert reporting.crc32c(b'') == 0
-
-
-def _read_records(path):
-  """TFRecord framing read back by hand, checking both masked CRCs."""
-  out = []
-  with open(path, 'rb') as f:
-    data = f.read()
-  pos = 0
-  while pos < len(data):
-    header = data[pos:pos + 8]
-    (length,) = struct.unpack('<Q', header)
-    (crc_len,) = struct.unpack('<I', data[pos + 8:pos + 12])
-    assert crc_len == reporting._masked_crc(header)  # pylint: disable=protected-access
-    payload = data[pos + 12:pos + 12 + length]
-    (crc_data,) = struct.unpack('<I', data[pos + 12 + length:pos + 16 + length])
-    assert crc_data == reporting._masked_crc(payload)  # pylint: disable=protected-access
-    out.append(payload)
-    pos += 16 + length
-  return out
-
-
-def test_event_writer_round_trip_with_tensorflow_protos(tmp_path):
-  w = reporting.EventWriter(str(tmp_path))
+def test_tensorboard_writer_round_trip(tmp_path):
+  """Scalars written through the clu writer read back with TensorFlow's own event parser."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  w = reporting.make_writer(str(tmp_path), is_main=True)
   w.write_scalars(7, {'val/kappa': 0.25, 'train/loss/ce': 1.5})
   w.write_scalars(300000, {'val/kappa': -0.5})
   w.close()
-  files = os.listdir(tmp_path)
-  assert len(files) == 1 and 'tfevents' in files[0]
-  records = _read_records(os.path.join(tmp_path, files[0]))
-  # Decode with TensorFlow's own Event proto (an independent parser).
-  event_pb2 = pytest.importorskip('tensorflow.core.util.event_pb2')
-  events = [event_pb2.Event.FromString(r) for r in records]
-  assert events[0].file_version == 'brain.Event:2'
-  got = [(e.step, v.tag, v.simple_value) for e in events[1:] for v in e.summary.value]
-  assert got == [(7, 'val/kappa', 0.25), (7, 'train/loss/ce', 1.5), (300000, 'val/kappa', -0.5)]
+  files = [f for f in os.listdir(tmp_path) if 'tfevents' in f]
+  assert len(files) == 1
+  got = []
+  for e in tf.compat.v1.train.summary_iterator(os.path.join(tmp_path, files[0])):
+    for v in e.summary.value:
+      got.append((e.step, v.tag, float(tf.make_ndarray(v.tensor)) if v.HasField('tensor')
+                  else v.simple_value))
+  assert sorted(got) == sorted([(7, 'val/kappa', 0.25), (7, 'train/loss/ce', 1.5),
+                                (300000, 'val/kappa', -0.5)])
+  quiet = reporting.make_writer(str(tmp_path / 'p1'), is_main=False)
+  quiet.write_scalars(1, {'a': 1.0})
+  quiet.close()
+  assert not os.path.exists(tmp_path / 'p1')
 
 
 def test_markdown_table_and_rows():
