@@ -74,11 +74,12 @@ def save_model(directory: str, params, metadata: Dict[str, Any]):
   directory = os.path.abspath(directory)
   path = os.path.join(directory, PARAMS)
   checkpointer = ocp.StandardCheckpointer()
-  if os.path.exists(path):
-    # A previous export that never got its metadata (killed in between): replace it.
-    if jax.process_index() == 0:
-      shutil.rmtree(path)
-    sync('camkd_jax_save_model_clear')
+  # A previous export that never got its metadata (killed in between) is replaced. Process 0
+  # alone looks and deletes; the barrier is unconditional, or a process that looked after the
+  # deletion would skip it and meet the others at a different barrier.
+  if jax.process_index() == 0 and os.path.exists(path):
+    shutil.rmtree(path)
+  sync('camkd_jax_save_model_clear')
   checkpointer.save(path, params)
   checkpointer.wait_until_finished()
   checkpointer.close()

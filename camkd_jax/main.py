@@ -20,6 +20,7 @@ from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-pos
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from camkd_jax import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -28,6 +29,12 @@ config_flags.DEFINE_config_file(
     lock_config=True)
 flags.DEFINE_string('workdir', None,
                     'Output directory (default: workdirs/<config name>_m<magnification>).')
+# Multi-host (see camkd_jax/distributed.py); unset values come from CAMKD_* or JAX's detection.
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0 (or CAMKD_COORDINATOR); starts jax.distributed.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (or CAMKD_NUM_PROCESSES).')
+flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1 '
+                     '(or CAMKD_PROCESS_ID).')
 
 
 def _quiet_libraries(record):
@@ -42,10 +49,11 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
   config = FLAGS.config
-  if config.distributed:
-    # Multi-host: coordinator address, process count and id come from the environment
-    # (SLURM, TPU pods, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID).
-    jax.distributed.initialize()
+  # Before any other JAX use: the set of devices is fixed when the backend starts.
+  distributed.maybe_initialize(config, coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  if jax.process_index() > 0:
+    logging.set_verbosity(logging.WARNING)  # one progress log: process 0's
   workdir = FLAGS.workdir or train.default_workdir(
       config_flags.get_config_filename(FLAGS['config']), config)
   logging.info('workdir %s', workdir)

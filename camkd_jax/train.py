@@ -32,6 +32,7 @@ import numpy as np
 
 from camkd_jax import checkpoints
 from camkd_jax import distill
+from camkd_jax import distributed
 from camkd_jax import metrics as metrics_lib
 from camkd_jax import models
 from camkd_jax import ops
@@ -149,9 +150,13 @@ def prepare_workdir(config, workdir: str):
   """Refuses a workdir holding another config's run (unless config.overwrite), writes config.json."""
   path = os.path.join(workdir, 'config.json')
   new = config_dict(config)
+  old = None
   if os.path.isfile(path):
     with open(path) as f:
       old = json.load(f)
+  # Every process decides on the same file: none may delete or rewrite it before all read it.
+  checkpoints.sync('camkd_jax_read_config')
+  if old is not None:
     diff = config_differences(old, new)
     if diff and not config.overwrite:
       shown = '\n  '.join(diff[:12]) + ('\n  ...' if len(diff) > 12 else '')
@@ -208,8 +213,9 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> Dict[str, Any]:
   from camkd_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   mesh = mesh or distill.make_mesh()
   t0 = time.time()
-  data = input_pipeline.get_data(config, process_index=jax.process_index(),
-                                 process_count=jax.process_count())
+  # Process 0 first: on a shared data_dir concurrent TFDS builds would race on the final rename.
+  data = distributed.main_process_first(lambda: input_pipeline.get_data(
+      config, process_index=jax.process_index(), process_count=jax.process_count()))
   logging.info('data %s: %s examples, %d classes %s, %d steps/epoch of %d', config.data.name,
                data.num_examples, data.num_classes, data.class_names, data.steps_per_epoch,
                data.global_batch_size)
@@ -292,7 +298,7 @@ def obtain_teacher(config, workdir, data, mesh, model, step_cfg):
     logging.info('teacher: loaded %s (epoch %s)', path, (meta.get('report') or {}).get('epoch'))
     report = evaluate_model(model, params, 1, data, mesh)
     report.update({k: v for k, v in (meta.get('report') or {}).items()
-                   if k in ('epoch', 'step', 'history')})
+                   if k in ('epoch', 'step', 'train', 'history')})
     report['checkpoint'] = os.path.abspath(path)
     return params, report
   stage = Stage('teacher', config, workdir, model, step_cfg, int(config.teacher.num_epochs),

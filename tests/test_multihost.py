@@ -19,16 +19,79 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
+import ml_collections
 import numpy as np
 import pytest
+
+from camkd_jax import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEADLINE_S = 420                 # per launch, all its processes together (2-core CI: ~1-2 min)
 CONFIG = 'configs/attn_kd.py:smoke=1'
 # 32 validation / test examples: 12 per global batch leaves padded batches on 1 and 2 processes.
-ARGS = ['--config.eval_batch_size=12', '--config.num_figure_images=2']
+ARGS = ['--config.eval_batch_size=12']
+NO_FIGURES = ['--config.num_figure_images=0']   # figures only where checked: saves compiles
 FLOAT_RTOL = 1e-4                # two processes vs one: only the reduction order differs
+
+
+# ----------------------------------------------------------------------------- settings (fast)
+def test_settings_arguments_override_environment():
+  env = {'CAMKD_COORDINATOR': 'envhost:1', 'CAMKD_NUM_PROCESSES': '4', 'CAMKD_PROCESS_ID': '3'}
+  assert distributed.settings(environ=env) == {
+      'coordinator_address': 'envhost:1', 'num_processes': 4, 'process_id': 3}
+  assert distributed.settings('h:2', 2, 1, environ=env) == {
+      'coordinator_address': 'h:2', 'num_processes': 2, 'process_id': 1}
+  # Empty variables count as unset; nothing set -> nothing explicit.
+  assert distributed.settings(environ={'CAMKD_COORDINATOR': '', 'CAMKD_PROCESS_ID': ''}) == {}
+
+
+@pytest.mark.parametrize('env, match', [
+    ({'CAMKD_NUM_PROCESSES': 'two'}, 'CAMKD_NUM_PROCESSES=.two. is not an integer'),
+    ({'CAMKD_NUM_PROCESSES': '0'}, 'CAMKD_NUM_PROCESSES=0 must be >= 1'),
+    ({'CAMKD_PROCESS_ID': '-1'}, 'CAMKD_PROCESS_ID=-1 must be >= 0'),
+    ({'CAMKD_NUM_PROCESSES': '2', 'CAMKD_PROCESS_ID': '2'}, 'CAMKD_PROCESS_ID=2 must be smaller'),
+    ({'CAMKD_COORDINATOR': 'localhost'}, 'must be host:port'),
+])
+def test_bad_settings_name_the_variable(env, match):
+  with pytest.raises(ValueError, match=match):
+    distributed.settings(environ=env)
+
+
+def test_single_process_run_never_initializes(monkeypatch):
+  def fail(**kwargs):
+    raise AssertionError(f'jax.distributed.initialize called with {kwargs}')
+  monkeypatch.setattr(distributed.jax.distributed, 'initialize', fail)
+  config = ml_collections.ConfigDict({'distributed': False})
+  assert distributed.maybe_initialize(config, environ={}) is False
+  assert distributed.maybe_initialize(None, environ={}) is False
+  assert distributed.is_enabled(ml_collections.ConfigDict({'distributed': True}), {})
+  assert distributed.is_enabled(config, {'num_processes': 2})
+
+
+def test_initialize_receives_explicit_settings(monkeypatch):
+  calls = []
+  monkeypatch.setattr(distributed.jax.distributed, 'initialize', lambda **kw: calls.append(kw))
+  monkeypatch.setattr(distributed, 'check_process_blocks', lambda: None)
+  env = {'CAMKD_COORDINATOR': 'h:5', 'CAMKD_NUM_PROCESSES': '2', 'CAMKD_PROCESS_ID': '1',
+         'CAMKD_INIT_TIMEOUT': '7'}
+  assert distributed.maybe_initialize(None, environ=env) is True
+  assert calls == [{'coordinator_address': 'h:5', 'num_processes': 2, 'process_id': 1,
+                    'initialization_timeout': 7}]
+  # config.distributed alone: JAX auto-detects everything (TPU pods, SLURM, Open MPI).
+  calls.clear()
+  assert distributed.maybe_initialize(ml_collections.ConfigDict({'distributed': True}),
+                                      environ={}) is True
+  assert calls == [{'initialization_timeout': 300}]
+
+
+def test_check_process_blocks():
+  dev = lambda p: types.SimpleNamespace(process_index=p)
+  assert distributed.check_process_blocks([dev(0), dev(0), dev(1), dev(1)])
+  assert distributed.check_process_blocks([dev(0)])
+  for owners in ([0, 1, 0, 1], [1, 1, 0, 0], [0, 0, 0, 1]):
+    assert not distributed.check_process_blocks([dev(p) for p in owners]), owners
 
 
 # ----------------------------------------------------------------------------- launching
@@ -42,7 +105,9 @@ def _env(devices: int, cache_dir: str, extra=None):
   env = {k: v for k, v in os.environ.items()
          if not k.startswith(('CAMKD_', 'JAX_COORDINATOR', 'SLURM_', 'OMPI_', 'XLA_FLAGS'))}
   env.update(PYTHONPATH=REPO + os.pathsep + env.get('PYTHONPATH', ''), JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             # Cheaper CPU compiles (same flags for every run: the numerics stay comparable).
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
+             '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true',
              TF_CPP_MIN_LOG_LEVEL='2', CAMKD_INIT_TIMEOUT='120',
              JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   env.update(extra or {})
@@ -192,9 +257,10 @@ def uninterrupted(base):
   The single process builds its own copy of the dataset; the two processes share one data_dir,
   which process 0 fills first (distributed.main_process_first)."""
   t0 = time.time()
-  one = Launch('one', os.path.join(base['root'], 'one'), base['data_1p'], 1, 4, base['cache'])
+  one = Launch('one', os.path.join(base['root'], 'one'), base['data_1p'], 1, 4, base['cache'],
+                NO_FIGURES)
   two = Launch('two', os.path.join(base['root'], 'two'), base['data'], 2, 2, base['cache'],
-               ['--config.distributed=True'])
+               ['--config.distributed=True', '--config.num_figure_images=2'])
   wait([one, two])
   print(f'uninterrupted 1-process and 2-process runs: {time.time() - t0:.1f} s')
   return one, two
@@ -234,17 +300,21 @@ def test_two_processes_match_one_process_with_four_devices(uninterrupted):
 def test_killed_two_process_run_resumes_from_its_checkpoint(base, uninterrupted):
   _, two = uninterrupted
   workdir = os.path.join(base['root'], 'killed')
-  first_student_ckpt = os.path.join(workdir, 'checkpoints', 'student', '1')
+  student_ckpts = os.path.join(workdir, 'checkpoints', 'student')
+
+  def student_checkpointed():  # orbax renames a step directory to its number once complete
+    return os.path.isdir(student_ckpts) and any(n.isdigit() for n in os.listdir(student_ckpts))
+
   t0 = time.time()
-  # Checkpoints after every step; SIGKILL both processes once the student's step 1 is on disk.
+  # Checkpoints after every step; SIGKILL both processes once a student step is on disk.
   killed = Launch('killed', workdir, base['data'], 2, 2, base['cache'],
-                  ['--config.checkpoint_every_steps=1'])
-  wait([killed], until=lambda: os.path.isdir(first_student_ckpt))
+                  ['--config.checkpoint_every_steps=1'] + NO_FIGURES)
+  wait([killed], until=student_checkpointed)
   killed.kill()
   assert not os.path.exists(os.path.join(workdir, 'metrics.json'))
   assert not os.path.exists(os.path.join(workdir, 'student', 'metadata.json'))
   resumed = Launch('resumed', workdir, base['data'], 2, 2, base['cache'],
-                   ['--config.checkpoint_every_steps=1'])
+                   ['--config.checkpoint_every_steps=1'] + NO_FIGURES)
   wait([resumed])
   print(f'killed + resumed 2-process runs: {time.time() - t0:.1f} s')
   log = resumed.log(0)
