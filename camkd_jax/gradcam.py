@@ -12,6 +12,7 @@ from typing import Dict, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
+from camkd_jax import ops
 from camkd_jax.models.vgg import layer_order
 
 
@@ -52,7 +53,7 @@ def forward_with_grads(model, variables, x, layers: Sequence[str]) -> Saliency:
 
 def channel_weights(grads):
   """w_{c,b,k}: spatial mean of the class gradients (C, B, H, W, K) -> (C, B, K), float32."""
-  return jnp.mean(grads.astype(jnp.float32), axis=(2, 3))
+  return jnp.mean(ops.at_least_f32(grads), axis=(2, 3))
 
 
 def cam_plus(act, grads):
@@ -62,7 +63,7 @@ def cam_plus(act, grads):
   product never materialises: two contractions over K instead.
   """
   w = channel_weights(grads)
-  a = act.astype(jnp.float32)
+  a = ops.at_least_f32(act)
   return (jnp.einsum('bhwk,cbk->bhwc', jax.nn.relu(a), jax.nn.relu(w))
           + jnp.einsum('bhwk,cbk->bhwc', jax.nn.relu(-a), jax.nn.relu(-w)))
 
@@ -70,7 +71,7 @@ def cam_plus(act, grads):
 def cam_classic(act, grads):
   """Classic Grad-CAM: ReLU(sum_k w_{c,k} A_k). Returns (B, H, W, C)."""
   w = channel_weights(grads)
-  return jax.nn.relu(jnp.einsum('bhwk,cbk->bhwc', act.astype(jnp.float32), w))
+  return jax.nn.relu(jnp.einsum('bhwk,cbk->bhwc', ops.at_least_f32(act), w))
 
 
 CAM_MODES = {'atplus': cam_plus, 'classic': cam_classic}

@@ -21,13 +21,13 @@ def safe_sqrt(x):
 
 def rmse(a, b):
   """sqrt(mean((a - b)^2)) over all elements."""
-  d = a.astype(jnp.float32) - b.astype(jnp.float32)
+  d = ops.at_least_f32(a) - ops.at_least_f32(b)
   return safe_sqrt(jnp.mean(d * d))
 
 
 def cross_entropy(logits, labels):
   """Batch mean of softmax cross-entropy with integer labels."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  logp = jax.nn.log_softmax(ops.at_least_f32(logits))
   return -jnp.mean(jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1))
 
 
@@ -37,8 +37,8 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0, form='reference'):
   form='reference': mean_b sum_c -softmax(t/T)_c log_softmax(s)_c (no T on the student, no T^2).
   form='hinton': T^2 * mean_b KL(softmax(t/T) || softmax(s/T)).
   """
-  t = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
-  s = student_logits.astype(jnp.float32)
+  t = ops.at_least_f32(jax.lax.stop_gradient(teacher_logits))
+  s = ops.at_least_f32(student_logits)
   target = jax.nn.softmax(t / temperature)
   if form == 'reference':
     return jnp.mean(jnp.sum(-target * jax.nn.log_softmax(s), axis=-1))
@@ -52,14 +52,14 @@ def kd_loss(student_logits, teacher_logits, temperature=1.0, form='reference'):
 def fm_loss(student_feat, teacher_feat):
   """Feature matching: student map resized (bilinear, align corners) to the teacher's size, then
   sqrt(mean((F_s - F_t)^2)) over the whole batch tensor."""
-  t = jax.lax.stop_gradient(teacher_feat).astype(jnp.float32)
-  s = ops.resize_align_corners(student_feat.astype(jnp.float32), t.shape[1:3])
+  t = ops.at_least_f32(jax.lax.stop_gradient(teacher_feat))
+  s = ops.resize_align_corners(ops.at_least_f32(student_feat), t.shape[1:3])
   return rmse(s, t)
 
 
 def minmax_normalize(maps):
   """Per-sample min-max over the whole (H, W, C) stack; a constant map becomes all zeros."""
-  maps = maps.astype(jnp.float32)
+  maps = ops.at_least_f32(maps)
   axes = tuple(range(1, maps.ndim))
   lo = jnp.min(maps, axis=axes, keepdims=True)
   hi = jnp.max(maps, axis=axes, keepdims=True)
@@ -69,14 +69,14 @@ def minmax_normalize(maps):
 
 def softmax_normalize(maps, temperature=0.01):
   """Per-sample softmax over all positions (H, W, C) of maps / temperature."""
-  maps = maps.astype(jnp.float32)
+  maps = ops.at_least_f32(maps)
   b = maps.shape[0]
   return jax.nn.softmax(maps.reshape(b, -1) / temperature, axis=-1).reshape(maps.shape)
 
 
 def per_sample_rmse(a, b):
   """(B,) of sqrt(mean over all non-batch axes of (a - b)^2)."""
-  d = a.astype(jnp.float32) - b.astype(jnp.float32)
+  d = ops.at_least_f32(a) - ops.at_least_f32(b)
   return safe_sqrt(jnp.mean((d * d).reshape(d.shape[0], -1), axis=-1))
 
 
@@ -85,8 +85,8 @@ def at_plus_loss(student_maps, teacher_maps, norm='minmax', temperature=0.01):
 
   Student maps of another spatial size are resized to the teacher's (bilinear, align corners).
   """
-  t = jax.lax.stop_gradient(teacher_maps).astype(jnp.float32)
-  s = ops.resize_align_corners(student_maps.astype(jnp.float32), t.shape[1:3])
+  t = ops.at_least_f32(jax.lax.stop_gradient(teacher_maps))
+  s = ops.resize_align_corners(ops.at_least_f32(student_maps), t.shape[1:3])
   if norm == 'minmax':
     s, t = minmax_normalize(s), minmax_normalize(t)
   elif norm == 'softmax':

@@ -10,6 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def at_least_f32(x):
+  """x in float32, or kept in float64 when it already is (loss arithmetic is never below f32;
+  x64 gradient checks stay in float64 end to end)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 @functools.lru_cache(maxsize=64)
 def align_corners_matrix(in_size: int, out_size: int) -> np.ndarray:
   """(out_size, in_size) matrix of bilinear weights with align_corners=True (float32)."""

@@ -129,13 +129,18 @@ class VGG(nn.Module):
       acts[name] = x
     if stop_at < layer_order('pooled'):
       return None, acts
-    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    pooled = jnp.mean(x.astype(self.out_dtype), axis=(1, 2))
     acts['pooled'] = pooled
     if stop_at < layer_order('logits'):
       return None, acts
-    logits = self.classifier(pooled.astype(self.dtype)).astype(jnp.float32)
+    logits = self.classifier(pooled.astype(self.dtype)).astype(self.out_dtype)
     return logits, acts
 
   def head(self, pooled):
     """The classifier alone (used by the SR term: teacher head on student features)."""
-    return self.classifier(pooled.astype(self.dtype)).astype(jnp.float32)
+    return self.classifier(pooled.astype(self.dtype)).astype(self.out_dtype)
+
+  @property
+  def out_dtype(self):
+    """Pooled features and logits: at least float32 (float64 when the model computes in it)."""
+    return jnp.promote_types(self.dtype, jnp.float32)
