@@ -124,9 +124,9 @@ def step_config_from_config(config, teacher_stage: bool = False, saliency=None, 
   if teacher_stage:
     return StepConfig(factor=1, weights=(('ce', 1.0),), augment=augment)
   weights = tuple((t, float(getattr(config.loss, t))) for t in TERMS)
-  unknown_check = [t for t, w in weights if w < 0]
-  if unknown_check:
-    raise ValueError(f'loss weights must be >= 0; got negative config.loss.{unknown_check[0]}')
+  negative = [t for t, w in weights if w < 0]
+  if negative:
+    raise ValueError(f'loss weights must be >= 0; got negative config.loss.{negative[0]}')
   if saliency is None:
     # map x norm x distance from config.attention; unknown names fail here, at start-up.
     from camkd_jax import saliency as saliency_lib  # pylint: disable=g-import-not-at-top
