@@ -14,6 +14,11 @@ every method a student, summarised as mean +/- std over seeds in RESULTS.md plus
 
 A cell whose workdir holds a finished metrics.json is not recomputed; an interrupted cell resumes
 from its checkpoint. Hyper-parameters are fixed before the sweep (chosen on validation only).
+
+`--workers=N` runs the grid in N processes, worker k taking every N-th cell and pinned to CPU core
+k (on a 2-core CPU two single-threaded workers finish the grid sooner than one process using both
+cores: the per-cell start-up, evaluation and checkpointing are mostly single-threaded). A student
+cell waits until its seed's teacher is finished. On a GPU keep the default, one process.
 """
 import argparse
 import importlib
@@ -36,6 +41,7 @@ METHODS = {
     'at': ('attn_kd', {'loss.fm': 0.0}),
     'fm_at': ('attn_kd', {}),
 }
+LOSS_TERMS = ('ce', 'kd', 'fm', 'at', 'sr')
 METHOD_LABELS = {'ce': 'CE only', 'kd': 'KD', 'fm': 'FM', 'at': 'AT+', 'fm_at': 'FM + AT+'}
 SPLITS = ('val', 'test')
 METRICS = ('balanced_accuracy', 'kappa')
@@ -57,6 +63,11 @@ def parse_args(argv=None):
   p.add_argument('--notes', default='', help='markdown file appended to the report')
   p.add_argument('--report_only', action='store_true',
                  help='train nothing: summarise the cells already finished')
+  p.add_argument('--workers', type=int, default=1,
+                 help='parallel worker processes, each pinned to one CPU core (CPU sweeps)')
+  p.add_argument('--worker', default='', help=argparse.SUPPRESS)  # 'k/N', set by --workers
+  p.add_argument('--teacher_wait_s', type=float, default=7200.0,
+                 help="how long a worker's student cell waits for its seed's teacher")
   return p.parse_args(argv)
 
 
@@ -100,6 +111,31 @@ def make_config(module, arg, seed, overrides):
   return apply_overrides(config, overrides)
 
 
+def method_overrides(overrides, weights):
+  """The --set items that apply to a method whose loss weights are `weights` (None: teacher).
+
+  `--set=loss.at=3` sets the weight of AT+ *where the method uses AT+*: it never switches a term on
+  for a method that does not have it (CE only stays CE only), nor changes the CE-only teacher.
+  """
+  keep = []
+  for item in overrides:
+    key = item.partition('=')[0]
+    if key.startswith('loss.') and key[5:] in LOSS_TERMS:
+      if weights is None or weights.get(key[5:], 0.0) == 0.0:
+        continue
+    keep.append(item)
+  return keep
+
+
+def method_config(method, arg, seed, overrides):
+  """The student config of `method`: its config file, its own weights, then the --set items."""
+  module, loss = METHODS[method]
+  config = make_config(module, arg, seed, [])
+  apply_overrides(config, [f'{k}={v}' for k, v in loss.items()])
+  weights = {t: float(config.loss[t]) for t in LOSS_TERMS}
+  return apply_overrides(config, method_overrides(overrides, weights))
+
+
 def finished(workdir, key):
   path = os.path.join(workdir, 'metrics.json')
   if not os.path.exists(path):
@@ -120,7 +156,18 @@ def cells(args):
 
 
 def run_cell(config, workdir):
+  import logging as pylogging  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
   from camkd_jax import train  # pylint: disable=g-import-not-at-top
+  # The driver's per-epoch lines (metrics, ETA) are absl INFO logs; show them outside absl.app,
+  # without orbax's INFO chatter about its save threads.
+  logging.set_verbosity(logging.INFO)
+  absl_logger = logging.get_absl_logger()
+  if not any(getattr(f, 'camkd', False) for f in absl_logger.filters):
+    quiet = lambda record: (record.levelno >= pylogging.WARNING or not any(
+        lib in record.pathname for lib in ('orbax', 'tensorflow_datasets')))
+    quiet.camkd = True
+    absl_logger.addFilter(quiet)
   return train.run(config, workdir)
 
 
@@ -135,7 +182,10 @@ def sweep(args):
   mags, methods, seeds = cells(args)
   todo = [('teacher', None, s) for s in seeds] + [
       (m, g, s) for s in seeds for g in mags for m in methods]
-  results, t0, done_here = {}, time.time(), 0
+  k, n = worker_share(args.worker)
+  mine = sum(1 for i in range(len(todo)) if i % n == k)
+  tag = f'study w{k}' if n > 1 else 'study'
+  results, t0, done_here, seen = {}, time.time(), 0, 0
   for i, (method, mag, seed) in enumerate(todo):
     if method == 'teacher':
       wd = os.path.join(args.workdir, f'teacher_s{seed}')
@@ -146,23 +196,77 @@ def sweep(args):
     out = finished(wd, key)
     if out is None and args.report_only:
       continue
+    if out is None and i % n != k:
+      continue  # another worker's cell
+    if i % n == k:
+      seen += 1
     if out is None:
       elapsed = time.time() - t0
-      remaining = len(todo) - i
+      remaining = mine - seen + 1
       eta = elapsed / done_here * remaining if done_here else float('nan')
-      print(f'[study {i + 1}/{len(todo)}] {method} m={mag} seed={seed} -> {wd} '
+      print(f'[{tag} {i + 1}/{len(todo)}] {method} m={mag} seed={seed} -> {wd} '
             f'(ETA {fmt_eta(eta) if done_here else "?"})', flush=True)
+      if method != 'teacher':
+        wait_for_teacher(os.path.join(args.workdir, f'teacher_s{seed}'), args.teacher_wait_s)
       if method == 'teacher':
-        config = make_config('teacher', config_arg(args), seed, args.set)
+        config = make_config('teacher', config_arg(args), seed, method_overrides(args.set, None))
       else:
-        module, loss = METHODS[method]
-        config = make_config(module, config_arg(args, mag), seed, args.set)
-        apply_overrides(config, [f'{k}={v}' for k, v in loss.items()])
+        config = method_config(method, config_arg(args, mag), seed, args.set)
         config.teacher.checkpoint = os.path.join(args.workdir, f'teacher_s{seed}', 'teacher')
       out = run_cell(config, wd)
       done_here += 1
     results[(method, mag, seed)] = out
   return results, time.time() - t0
+
+
+def worker_share(spec):
+  """'k/N' -> (k, N); '' -> (0, 1)."""
+  if not spec:
+    return 0, 1
+  try:
+    k, n = (int(x) for x in spec.split('/'))
+  except ValueError:
+    raise SystemExit(f'--worker={spec!r}: expected k/N, e.g. 0/2') from None
+  if not 0 <= k < n:
+    raise SystemExit(f'--worker={spec!r}: k must be in [0, N)')
+  return k, n
+
+
+def wait_for_teacher(workdir, timeout_s, poll_s=5.0):
+  """Blocks until another worker has finished the teacher in `workdir`."""
+  t0 = time.time()
+  announced = False
+  while finished(workdir, 'teacher') is None:
+    if time.time() - t0 > timeout_s:
+      raise SystemExit(f'teacher {workdir} not finished after {timeout_s:.0f} s; is its worker '
+                       'alive? Rerun the same command to resume.')
+    if not announced:
+      print(f'  waiting for teacher {workdir}', flush=True)
+      announced = True
+    time.sleep(poll_s)
+
+
+def run_workers(args, argv):
+  """Starts `args.workers` copies of this script, worker k pinned to core k; waits for all."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  cores = sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else []
+  base = [a for a in argv if not a.startswith('--workers')]
+  # Build (or verify) the dataset once here: workers building it together would race on TFDS's
+  # final rename.
+  from camkd_jax import datasets  # pylint: disable=g-import-not-at-top
+  datasets.get_source(make_config('teacher', config_arg(args), 0, args.set))
+  procs = []
+  for k in range(args.workers):
+    def pin(core=cores[k % len(cores)] if cores else None):
+      if core is not None:
+        os.sched_setaffinity(0, {core})
+    cmd = [sys.executable, os.path.abspath(__file__), *base, f'--worker={k}/{args.workers}']
+    procs.append(subprocess.Popen(cmd, preexec_fn=pin))
+  codes = [p.wait() for p in procs]
+  failed = [k for k, c in enumerate(codes) if c != 0]
+  if failed:
+    raise SystemExit(f'worker(s) {failed} failed (exit codes {codes}); their cells are unfinished. '
+                     'Rerun the same command to resume them.')
 
 
 def _mean_std(values):
@@ -238,9 +342,19 @@ def plot(table, mags, methods, path):
 
 
 def main(argv=None):
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
   mags, methods, _ = cells(args)
-  results, wall = sweep(args)
+  if args.workers > 1 and not args.report_only and not args.worker:
+    t0 = time.time()
+    run_workers(args, argv)
+    args.report_only = True
+    results, _ = sweep(args)
+    wall = time.time() - t0
+  else:
+    results, wall = sweep(args)
+  if args.worker:
+    return None  # the parent writes the report once every worker is done
   table = aggregate(results)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   plot_path = args.plot or os.path.splitext(args.out)[0] + '_kappa.png'

@@ -38,3 +38,62 @@ def test_reproduce_tiny_grid_writes_results_and_resumes(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert '[study' not in again.stdout
   assert json.loads((tmp_path / 'RESULTS.json').read_text()) == table
+
+
+@pytest.mark.slow
+def test_reproduce_two_workers_split_the_grid(tmp_path):
+  """--workers=2: each cell runs once, in the worker that owns it; a student waits for its teacher."""
+  out = tmp_path / 'RESULTS.md'
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  cmd = [sys.executable, 'experiments/reproduce.py', '--magnifications=2.5,5', '--methods=ce',
+         '--seeds=22', '--smoke', '--workers=2', f'--workdir={tmp_path / "runs"}', f'--out={out}',
+         '--set=data.data_dir=' + str(tmp_path / 'tfds')]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  # Cells in order teacher, ce@2.5, ce@5: worker 0 owns cells 1 and 3, worker 1 cell 2.
+  starts = [l for l in proc.stdout.splitlines() if l.startswith('[study')]
+  assert sorted(starts) == sorted([
+      f'[study w0 1/3] teacher m=None seed=22 -> {tmp_path / "runs" / "teacher_s22"} (ETA ?)',
+      f'[study w1 2/3] ce m=2.5 seed=22 -> {tmp_path / "runs" / "ce_m2.5_s22"} (ETA ?)',
+      starts[-1] if starts[-1].startswith('[study w0 3/3] ce m=5.0') else 'missing w0 3/3'])
+  table = json.loads((tmp_path / 'RESULTS.json').read_text())
+  assert set(table) == {'teacher|None', 'ce|2.5', 'ce|5.0'}
+  for cell, factor in (('ce_m2.5_s22', 4), ('ce_m5_s22', 2)):
+    metrics = json.loads((tmp_path / 'runs' / cell / 'metrics.json').read_text())
+    assert metrics['student']['factor'] == factor
+  assert '| CE only | 5x |' in out.read_text()
+
+
+def _reproduce_module():
+  sys.path.insert(0, os.path.join(REPO, 'experiments'))
+  try:
+    import reproduce  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  return reproduce
+
+
+def test_set_loss_weight_applies_only_where_the_method_uses_the_term():
+  """--set=loss.at=3 tunes AT+ in 'at'/'fm_at' but must not switch AT+ on for CE, KD or FM."""
+  r = _reproduce_module()
+  overrides = ['loss.at=3', 'loss.fm=0.5', 'num_epochs=2']
+  expected = {'ce': dict(ce=1.0, kd=0.0, fm=0.0, at=0.0), 'kd': dict(ce=1.0, kd=1.0, fm=0.0, at=0.0),
+              'fm': dict(ce=1.0, kd=0.0, fm=0.5, at=0.0), 'at': dict(ce=1.0, kd=0.0, fm=0.0, at=3.0),
+              'fm_at': dict(ce=1.0, kd=0.0, fm=0.5, at=3.0)}
+  for method, weights in expected.items():
+    config = r.method_config(method, 'magnification=2.5', 22, overrides)
+    assert {t: config.loss[t] for t in weights} == weights, method
+    assert config.num_epochs == 2 and config.seed == 22
+  assert r.method_overrides(overrides, None) == ['num_epochs=2']  # the CE-only teacher
+  with pytest.raises(KeyError, match='loss.nope'):
+    r.method_config('ce', 'magnification=2.5', 22, ['loss.nope=1'])
+
+
+def test_worker_share_parses_and_rejects():
+  r = _reproduce_module()
+  assert r.worker_share('') == (0, 1) and r.worker_share('1/3') == (1, 3)
+  for bad in ('3/3', 'x', '1-2'):
+    with pytest.raises(SystemExit, match='--worker'):
+      r.worker_share(bad)
