@@ -63,6 +63,10 @@ def parse_args(argv=None):
   p.add_argument('--notes', default='', help='markdown file appended to the report')
   p.add_argument('--report_only', action='store_true',
                  help='train nothing: summarise the cells already finished')
+  p.add_argument('--estimate', default='', metavar='DISTILL[,TEACHER[,EVAL]]',
+                 help='train nothing: print the time the grid would take at these images/s '
+                      '(from `python -m camkd_jax.benchmark`: the distill, teacher and eval '
+                      'programs; TEACHER defaults to DISTILL, EVAL to 3 x TEACHER)')
   p.add_argument('--workers', type=int, default=1,
                  help='parallel worker processes, each pinned to one CPU core (CPU sweeps)')
   p.add_argument('--worker', default='', help=argparse.SUPPRESS)  # 'k/N', set by --workers
@@ -109,6 +113,64 @@ def make_config(module, arg, seed, overrides):
   config = importlib.import_module(f'configs.{module}').get_config(arg)
   config.seed = int(seed)
   return apply_overrides(config, overrides)
+
+
+# Split sizes (train, validation, test) for --estimate: SICAPv2's Val1 fold (REFERENCE.md) and the
+# embedded default; other datasets: the sizes of the prepared dataset.
+SPLIT_SIZES = {'sicapv2': (7472, 2487, 2122), 'synthetic_histology': (2000, 400, 400)}
+
+
+def estimate_seconds(sizes, batch_size, teacher_epochs, student_epochs, methods, num_mags,
+                     num_seeds, distill_rate, teacher_rate=None, eval_rate=None):
+  """Seconds of compute for the grid at the given images/s, steps and evaluation only.
+
+  An epoch is train // batch steps of `batch_size` images; after every epoch the model is
+  evaluated on validation + test. The teacher and the CE-only students run the teacher program
+  (one network, forward + backward), the distilling students the distill program (KD and FM are
+  a little cheaper than AT+, so this is an upper bound for them). Start-up, compilation and
+  checkpointing are not included.
+  """
+  teacher_rate = teacher_rate or distill_rate
+  eval_rate = eval_rate or 3.0 * teacher_rate
+  train, val, test = sizes
+  images = (train // batch_size) * batch_size
+  epoch_eval = (val + test) / eval_rate
+  teacher = teacher_epochs * (images / teacher_rate + epoch_eval)
+  students = {m: student_epochs * (images / (teacher_rate if m == 'ce' else distill_rate)
+                                   + epoch_eval) for m in methods}
+  total = num_seeds * (teacher + num_mags * sum(students.values()))
+  return {'teacher': teacher, 'students': students, 'total': total}
+
+
+def print_estimate(args):
+  """--estimate: the grid's compute time at the given images/s, from the configs' epochs."""
+  mags, methods, seeds = cells(args)
+  try:
+    rates = [float(r) for r in args.estimate.split(',')]
+  except ValueError:
+    raise SystemExit(f'--estimate={args.estimate!r}: expected images/s numbers, e.g. 900,2500')
+  if not 1 <= len(rates) <= 3 or min(rates) <= 0:
+    raise SystemExit(f'--estimate={args.estimate!r}: give 1 to 3 positive images/s')
+  teacher = make_config('teacher', config_arg(args), seeds[0], method_overrides(args.set, None))
+  student = method_config(methods[0], config_arg(args, mags[0]), seeds[0], args.set)
+  if args.dataset in SPLIT_SIZES:
+    sizes = SPLIT_SIZES[args.dataset]
+  else:
+    from camkd_jax import datasets  # pylint: disable=g-import-not-at-top
+    source = datasets.get_source(teacher)
+    sizes = tuple(source.num_examples(s) for s in ('train', 'validation', 'test'))
+  est = estimate_seconds(sizes, int(student.batch_size), int(teacher.teacher.num_epochs),
+                         int(student.num_epochs), methods, len(mags), len(seeds), *rates)
+  print(f'{args.dataset}: splits {sizes}, batch {student.batch_size}, teacher '
+        f'{teacher.teacher.num_epochs} epochs, students {student.num_epochs} epochs; images/s '
+        f'distill/teacher/eval = {"/".join(f"{r:g}" for r in rates)}')
+  print(f'  teacher: {fmt_eta(est["teacher"])} each, {len(seeds)} seed(s)')
+  for m, sec in est['students'].items():
+    print(f'  {METHOD_LABELS[m]} student: {fmt_eta(sec)} each, x {len(mags)} magnification(s) '
+          f'x {len(seeds)} seed(s)')
+  print(f'  total: {fmt_eta(est["total"])} of steps and evaluation '
+        f'({est["total"] / 3600:.1f} h; start-up and compilation not included)')
+  return est
 
 
 def method_overrides(overrides, weights):
@@ -345,6 +407,8 @@ def main(argv=None):
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
   mags, methods, _ = cells(args)
+  if args.estimate:
+    return print_estimate(args)
   if args.workers > 1 and not args.report_only and not args.worker:
     t0 = time.time()
     run_workers(args, argv)

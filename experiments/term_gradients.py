@@ -63,7 +63,7 @@ def term_gradients(step_cfg, model, params, teacher_params, x, labels):
       _, terms = distill.compute_losses(step_cfg, model, p, model, teacher_params, x, labels)
       return step_cfg.weight(term) * terms[term], terms[term]
     (_, value), g = jax.value_and_grad(weighted, has_aux=True)(params)
-    out[term] = (float(value), g)
+    out[term] = (value, g)
   return out
 
 
@@ -142,7 +142,7 @@ def main(argv=None):
     per_batch = []
     for x, y in batches:
       out = grads_fn(params, x, y)
-      per_batch.append({t: (v, flat(g)) for t, (v, g) in out.items()})
+      per_batch.append({t: (float(v), flat(g)) for t, (v, g) in out.items()})
     for term, r in summarise(per_batch, weights).items():
       lines.append(f'| {name} | {term} | {r["weight"]:g} | {r["value"]:.4f} | {r["norm"]:.4g} '
                    f'| {r["cos"]:+.3f} | {r["share"]:.2f} |')

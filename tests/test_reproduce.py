@@ -97,3 +97,32 @@ def test_worker_share_parses_and_rejects():
   for bad in ('3/3', 'x', '1-2'):
     with pytest.raises(SystemExit, match='--worker'):
       r.worker_share(bad)
+
+
+def test_estimate_seconds_by_hand():
+  """100 train images at batch 32 -> 3 steps of 32 = 96 images per epoch; val+test 30 images."""
+  r = _reproduce_module()
+  est = r.estimate_seconds((100, 10, 20), 32, teacher_epochs=2, student_epochs=3,
+                           methods=['ce', 'at'], num_mags=2, num_seeds=3, distill_rate=10.0,
+                           teacher_rate=20.0, eval_rate=60.0)
+  assert est['teacher'] == pytest.approx(2 * (96 / 20 + 30 / 60))     # 10.6
+  assert est['students']['ce'] == pytest.approx(3 * (96 / 20 + 0.5))  # 15.9: teacher program
+  assert est['students']['at'] == pytest.approx(3 * (96 / 10 + 0.5))  # 30.3: distill program
+  assert est['total'] == pytest.approx(3 * (10.6 + 2 * (15.9 + 30.3)))
+  # Defaults: teacher rate = distill rate, eval rate = 3 x teacher rate.
+  d = r.estimate_seconds((100, 10, 20), 32, 1, 1, ['kd'], 1, 1, 10.0)
+  assert d['teacher'] == pytest.approx(96 / 10 + 30 / 30)
+
+
+def test_estimate_cli_prints_the_sicapv2_grid(capsys):
+  r = _reproduce_module()
+  est = r.main(['--dataset=sicapv2', '--estimate=310,410,1230'])
+  out = capsys.readouterr().out
+  assert 'sicapv2: splits (7472, 2487, 2122), batch 32, teacher 20 epochs, students 20 epochs' in out
+  steps = 7472 // 32
+  teacher = 20 * (steps * 32 / 410 + (2487 + 2122) / 1230)
+  assert est['teacher'] == pytest.approx(teacher)
+  assert est['total'] == pytest.approx(3 * (teacher + 4 * (
+      20 * (steps * 32 / 410 + (2487 + 2122) / 1230) + 4 * 20 * (steps * 32 / 310 + (2487 + 2122) / 1230))))
+  with pytest.raises(SystemExit, match='--estimate'):
+    r.main(['--estimate=fast'])
