@@ -67,6 +67,19 @@ def term_gradients(step_cfg, model, params, teacher_params, x, labels):
   return out
 
 
+def map_spans(step_cfg, map_name, model, params, teacher_params, x, labels):
+  """{layer: (student spans, teacher spans)}: per-sample max - min of the raw saliency stacks,
+  the denominator of min-max normalisation (the AT+ gradient scales with its inverse)."""
+  from camkd_jax import distill, ops, saliency  # pylint: disable=g-import-not-at-top
+  layers = step_cfg.saliency.layers
+  map_fn = saliency.MAPS[map_name].fn
+  s = distill._forward(model, params, ops.student_view(x, step_cfg.factor), layers)  # pylint: disable=protected-access
+  t = distill._forward(model, teacher_params, x, layers)  # pylint: disable=protected-access
+  span = lambda m: m.reshape(m.shape[0], -1).max(-1) - m.reshape(m.shape[0], -1).min(-1)
+  return {layer: (span(map_fn(s, layer, labels)), span(map_fn(t, layer, labels)))
+          for layer in layers}
+
+
 def flat(tree):
   import jax  # pylint: disable=g-import-not-at-top
   return np.concatenate([np.asarray(l, np.float64).ravel()
@@ -124,6 +137,8 @@ def main(argv=None):
       raise SystemExit(f'--points: unknown {point!r}; use init and/or best')
 
   grads_fn = jax.jit(lambda p, x, y: term_gradients(step_cfg, model, p, teacher_params, x, y))
+  spans_fn = jax.jit(lambda p, x, y: map_spans(step_cfg, config.attention.map, model, p,
+                                               teacher_params, x, y))
   rng = jax.random.PRNGKey(train.stage_seeds(args.seed, 2)[1])
   batches = []
   for i, batch in enumerate(data.train_batches(0)):
@@ -138,6 +153,7 @@ def main(argv=None):
            f'(`python experiments/term_gradients.py {" ".join(sys.argv[1:])}`)', '',
            '| parameters | term | weight | value | weighted grad norm | cos to CE grad | share |',
            '|---|---|---|---|---|---|---|']
+  span_lines = []
   for name, params in points.items():
     per_batch = []
     for x, y in batches:
@@ -146,6 +162,18 @@ def main(argv=None):
     for term, r in summarise(per_batch, weights).items():
       lines.append(f'| {name} | {term} | {r["weight"]:g} | {r["value"]:.4f} | {r["norm"]:.4g} '
                    f'| {r["cos"]:+.3f} | {r["share"]:.2f} |')
+    if 'at' in weights and weights['at']:
+      spans = [spans_fn(params, x, y) for x, y in batches]
+      for layer in spans[0]:
+        st = np.concatenate([np.asarray(b[layer][0]) for b in spans])
+        te = np.concatenate([np.asarray(b[layer][1]) for b in spans])
+        span_lines.append(f'| {name} | {layer} | {np.median(st):.3g} | {np.median(te):.3g} '
+                          f'| {np.median(te) / max(np.median(st), 1e-30):.3g} |')
+  if span_lines:
+    lines += ['', f'Raw saliency-map range max - min per sample ({config.attention.map}, median '
+              'over the batches), the min-max denominator:', '',
+              '| parameters | layer | student | teacher | teacher / student |', '|---|---|---|---|---|']
+    lines += span_lines
   text = '\n'.join(lines) + '\n'
   print(text)
   if args.out:
