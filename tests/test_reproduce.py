@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,6 +34,23 @@ def test_reproduce_tiny_grid_writes_results_and_resumes(tmp_path):
     assert metrics['student']['factor'] == 4
     assert table[cell.split('_m')[0] + '|2.5']['test']['kappa'][0] == pytest.approx(
         metrics['student']['test']['kappa'])
+  # The per-term gradient diagnostic on the finished FM + AT+ cell.
+  diag = subprocess.run(
+      [sys.executable, 'experiments/term_gradients.py', f'--workdir={tmp_path / "runs"}',
+       '--method=fm_at', '--magnification=2.5', '--seed=22', '--smoke', '--batches=1',
+       '--set=data.data_dir=' + str(tmp_path / 'tfds'), f'--out={tmp_path / "grads.md"}'],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert diag.returncode == 0, diag.stdout[-3000:] + diag.stderr[-3000:]
+  rows = [l.split('|')[1:-1] for l in (tmp_path / 'grads.md').read_text().splitlines()
+          if l.startswith('| init') or l.startswith('| best')]
+  terms = {(r[0].strip().split()[0], r[1].strip()): r for r in rows if len(r) == 7}
+  assert set(terms) == {(p, t) for p in ('init', 'best') for t in ('ce', 'fm', 'at')}
+  # At init the head is N(0, 0.01): logits ~ 0, CE = log(4) to within a few thousandths.
+  assert float(terms[('init', 'ce')][3]) == pytest.approx(np.log(4), abs=0.01)
+  assert float(terms[('init', 'ce')][5]) == pytest.approx(1.0)  # CE's gradient against itself
+  for point in ('init', 'best'):
+    assert sum(float(terms[(point, t)][6]) for t in ('ce', 'fm', 'at')) == pytest.approx(1.0, abs=0.02)
+  assert 'teacher / student' in (tmp_path / 'grads.md').read_text()
   # Rerun: every cell is finished, so nothing trains and the same report comes out.
   again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]
