@@ -375,6 +375,24 @@ def markdown(table, args, wall, mags, methods):
           + head + '\n'.join(rows) + '\n')
 
 
+def per_seed_markdown(results, mags, methods, seeds):
+  """Test kappa (val kappa) of every cell, one column per seed: the spread behind each mean."""
+  head = ('| method | magnification | ' + ' | '.join(f'seed {s}' for s in seeds) + ' |\n'
+          '|---|---|' + '---|' * len(seeds) + '\n')
+  def cell(out):
+    return '-' if out is None else f'{out["test"]["kappa"]:.3f} ({out["val"]["kappa"]:.3f})'
+  rows = ['| teacher | 10x | ' + ' | '.join(
+      cell((results.get(('teacher', None, s)) or {}).get('teacher')) for s in seeds) + ' |']
+  for mag in mags:
+    for method in methods:
+      if not any((method, mag, s) in results for s in seeds):
+        continue
+      rows.append(f'| {METHOD_LABELS[method]} | {mag:g}x | ' + ' | '.join(
+          cell((results.get((method, mag, s)) or {}).get('student')) for s in seeds) + ' |')
+  return ('\nPer seed, test kappa (validation kappa in brackets) of the selected checkpoint:\n\n'
+          + head + '\n'.join(rows) + '\n')
+
+
 def plot(table, mags, methods, path):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
@@ -424,6 +442,7 @@ def main(argv=None):
   plot_path = args.plot or os.path.splitext(args.out)[0] + '_kappa.png'
   plot(table, mags, methods, plot_path)
   text = markdown(table, args, wall, mags, methods)
+  text += per_seed_markdown(results, mags, methods, cells(args)[2])
   text += f'\n![test kappa vs magnification]({os.path.basename(plot_path)})\n'
   if args.notes and os.path.exists(args.notes):
     with open(args.notes) as f:
