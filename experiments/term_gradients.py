@@ -42,6 +42,9 @@ def parse_args(argv=None):
   p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE')
   p.add_argument('--batches', type=int, default=4, help='training batches averaged over')
   p.add_argument('--points', default='init,best', help="parameter sets: 'init', 'best'")
+  p.add_argument('--per_layer', action='store_true',
+                 help="also a table of each term's share of every layer's gradient norm "
+                      '(Adam normalises per parameter, so a term that owns one layer steers it)')
   p.add_argument('--out', default='', help='also write the markdown table here')
   return p.parse_args(argv)
 
@@ -78,6 +81,18 @@ def map_spans(step_cfg, map_name, model, params, teacher_params, x, labels):
   span = lambda m: m.reshape(m.shape[0], -1).max(-1) - m.reshape(m.shape[0], -1).min(-1)
   return {layer: (span(map_fn(s, layer, labels)), span(map_fn(t, layer, labels)))
           for layer in layers}
+
+
+def layer_norms(tree):
+  """{top-level parameter group (a layer): L2 norm over its leaves}, in float64."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return {name: float(np.sqrt(sum(np.sum(np.asarray(l, np.float64) ** 2)
+                                  for l in jax.tree_util.tree_leaves(sub))))
+          for name, sub in tree.items()}
+
+
+def _layer_key(name):
+  return (0, int(name.split('_')[-1])) if name.startswith('features_') else (1, name)
 
 
 def flat(tree):
@@ -153,12 +168,23 @@ def main(argv=None):
            f'(`python experiments/term_gradients.py {" ".join(sys.argv[1:])}`)', '',
            '| parameters | term | weight | value | weighted grad norm | cos to CE grad | share |',
            '|---|---|---|---|---|---|---|']
-  span_lines = []
+  span_lines, layer_lines = [], []
   for name, params in points.items():
-    per_batch = []
+    per_batch, per_layer = [], []
     for x, y in batches:
       out = grads_fn(params, x, y)
       per_batch.append({t: (float(v), flat(g)) for t, (v, g) in out.items()})
+      if args.per_layer:
+        per_layer.append({t: layer_norms(g) for t, (_, g) in out.items()})
+    if per_layer:
+      terms = list(per_layer[0])
+      for layer in sorted(per_layer[0][terms[0]], key=_layer_key):
+        shares = []
+        for t in terms:
+          vals = [b[t][layer] / max(sum(b[u][layer] for u in terms), 1e-30) for b in per_layer]
+          shares.append(float(np.mean(vals)))
+        layer_lines.append(f'| {name} | {layer} | ' + ' | '.join(f'{v:.2f}' for v in shares)
+                           + ' |')
     for term, r in summarise(per_batch, weights).items():
       lines.append(f'| {name} | {term} | {r["weight"]:g} | {r["value"]:.4f} | {r["norm"]:.4g} '
                    f'| {r["cos"]:+.3f} | {r["share"]:.2f} |')
@@ -169,6 +195,11 @@ def main(argv=None):
         te = np.concatenate([np.asarray(b[layer][1]) for b in spans])
         span_lines.append(f'| {name} | {layer} | {np.median(st):.3g} | {np.median(te):.3g} '
                           f'| {np.median(te) / max(np.median(st), 1e-30):.3g} |')
+  if layer_lines:
+    lines += ['', "Share of each layer's gradient norm, per term (mean over the batches):", '',
+              '| parameters | layer | ' + ' | '.join(terms) + ' |',
+              '|---|---|' + '---|' * len(terms)]
+    lines += layer_lines
   if span_lines:
     lines += ['', f'Raw saliency-map range max - min per sample ({config.attention.map}, median '
               'over the batches), the min-max denominator:', '',

@@ -37,7 +37,7 @@ def test_reproduce_tiny_grid_writes_results_and_resumes(tmp_path):
   # The per-term gradient diagnostic on the finished FM + AT+ cell.
   diag = subprocess.run(
       [sys.executable, 'experiments/term_gradients.py', f'--workdir={tmp_path / "runs"}',
-       '--method=fm_at', '--magnification=2.5', '--seed=22', '--smoke', '--batches=1',
+       '--method=fm_at', '--magnification=2.5', '--seed=22', '--smoke', '--batches=1', '--per_layer',
        '--set=data.data_dir=' + str(tmp_path / 'tfds'), f'--out={tmp_path / "grads.md"}'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert diag.returncode == 0, diag.stdout[-3000:] + diag.stderr[-3000:]
@@ -51,6 +51,14 @@ def test_reproduce_tiny_grid_writes_results_and_resumes(tmp_path):
   for point in ('init', 'best'):
     assert sum(float(terms[(point, t)][6]) for t in ('ce', 'fm', 'at')) == pytest.approx(1.0, abs=0.02)
   assert 'teacher / student' in (tmp_path / 'grads.md').read_text()
+  # Per layer: one row per parameter group (13 convs + classifier) and point; shares sum to 1.
+  layer_rows = [r for r in rows if len(r) == 5 and r[1].strip().startswith(('features_', 'classifier'))]
+  assert len(layer_rows) == 2 * 14
+  for r in layer_rows:
+    assert sum(float(v) for v in r[2:]) == pytest.approx(1.0, abs=0.02)
+  # Columns ce, fm, at. FM compares block5 features, so the classifier gets none of its gradient
+  # (AT+ does reach it: the Grad-CAM weights are d logit / dA, which depend on the classifier).
+  assert all(float(r[3]) == 0.0 for r in layer_rows if r[1].strip() == 'classifier')
   # Rerun: every cell is finished, so nothing trains and the same report comes out.
   again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]
