@@ -10,12 +10,17 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def study_env(tmp_path):
+  """Environment of the sweep subprocesses: quiet TF, a per-test persistent XLA cache."""
+  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
+              JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+
+
 @pytest.mark.slow
 def test_reproduce_tiny_grid_writes_results_and_resumes(tmp_path):
   out = tmp_path / 'RESULTS.md'
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  env = study_env(tmp_path)
   cmd = [sys.executable, 'experiments/reproduce.py', '--magnifications=2.5',
          '--methods=ce,fm_at', '--seeds=22', '--smoke', f'--workdir={tmp_path / "runs"}',
          f'--out={out}', '--set=data.data_dir=' + str(tmp_path / 'tfds')]
@@ -70,9 +75,7 @@ def test_reproduce_tiny_grid_writes_results_and_resumes(tmp_path):
 def test_reproduce_two_workers_split_the_grid(tmp_path):
   """--workers=2: each cell runs once, in the worker that owns it; a student waits for its teacher."""
   out = tmp_path / 'RESULTS.md'
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2',
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  env = study_env(tmp_path)
   cmd = [sys.executable, 'experiments/reproduce.py', '--magnifications=2.5,5', '--methods=ce',
          '--seeds=22', '--smoke', '--workers=2', f'--workdir={tmp_path / "runs"}', f'--out={out}',
          '--set=data.data_dir=' + str(tmp_path / 'tfds')]
