@@ -248,26 +248,24 @@ def sweep(args):
   todo = [('teacher', None, s) for s in seeds] + [
       (m, g, s) for s in seeds for g in mags for m in methods]
   k, n = worker_share(args.worker)
-  mine = sum(1 for i in range(len(todo)) if i % n == k)
   tag = f'study w{k}' if n > 1 else 'study'
-  results, t0, done_here, seen = {}, time.time(), 0, 0
+  dirs = [(os.path.join(args.workdir, f'teacher_s{seed}'), 'teacher') if method == 'teacher' else
+          (os.path.join(args.workdir, f'{method}_m{mag:g}_s{seed}'), 'student')
+          for method, mag, seed in todo]
+  # ETA over this worker's unfinished cells only (finished ones cost nothing).
+  pending = sum(1 for i, (wd, key) in enumerate(dirs)
+                if i % n == k and finished(wd, key) is None)
+  results, t0, done_here = {}, time.time(), 0
   for i, (method, mag, seed) in enumerate(todo):
-    if method == 'teacher':
-      wd = os.path.join(args.workdir, f'teacher_s{seed}')
-      key = 'teacher'
-    else:
-      wd = os.path.join(args.workdir, f'{method}_m{mag:g}_s{seed}')
-      key = 'student'
+    wd, key = dirs[i]
     out = finished(wd, key)
     if out is None and args.report_only:
       continue
     if out is None and i % n != k:
       continue  # another worker's cell
-    if i % n == k:
-      seen += 1
     if out is None:
       elapsed = time.time() - t0
-      remaining = mine - seen + 1
+      remaining = pending - done_here
       eta = elapsed / done_here * remaining if done_here else float('nan')
       print(f'[{tag} {i + 1}/{len(todo)}] {method} m={mag} seed={seed} -> {wd} '
             f'(ETA {fmt_eta(eta) if done_here else "?"})', flush=True)
