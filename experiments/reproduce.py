@@ -1,9 +1,9 @@
 r"""The paper's study as one resumable sweep: a teacher per seed, then for every magnification and
 every method a student, summarised as mean +/- std over seeds in RESULTS.md plus a plot.
 
-  # the study on the embedded synthetic dataset as in experiments/RESULTS.md (2-core CPU, ~77 min;
-  # a_at = 3 was chosen on validation, 8-epoch students to fit the grid in a session)
-  python experiments/reproduce.py --workers=2 --set=num_epochs=8 --set=loss.at=3
+  # the study on the embedded synthetic dataset as in experiments/RESULTS.md (2-core CPU, ~1.5 h
+  # from scratch; a_at = 3 and a_fm = 0.01 chosen on validation, 8-epoch students)
+  python experiments/reproduce.py --workers=2 --set=num_epochs=8 --set=loss.at=3 --set=loss.fm=0.01
   # how long would the grid take at the benchmark's images/s (distill, teacher, eval)?
   python experiments/reproduce.py --dataset=sicapv2 --estimate=350,455,1365
   # the same on SICAPv2 with a GPU (defaults of REFERENCE.md: VGG16, 512 px, 20 epochs)
