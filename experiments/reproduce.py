@@ -154,7 +154,7 @@ def print_estimate(args):
     raise SystemExit(f'--estimate={args.estimate!r}: expected images/s numbers, e.g. 900,2500')
   if not 1 <= len(rates) <= 3 or min(rates) <= 0:
     raise SystemExit(f'--estimate={args.estimate!r}: give 1 to 3 positive images/s')
-  teacher = make_config('teacher', config_arg(args), seeds[0], method_overrides(args.set, None))
+  teacher = teacher_config(args, seeds[0])
   student = method_config(methods[0], config_arg(args, mags[0]), seeds[0], args.set)
   if args.dataset in SPLIT_SIZES:
     sizes = SPLIT_SIZES[args.dataset]
@@ -190,6 +190,11 @@ def method_overrides(overrides, weights):
         continue
     keep.append(item)
   return keep
+
+
+def teacher_config(args, seed):
+  """The CE-only teacher's config: the --set items other than loss weights."""
+  return make_config('teacher', config_arg(args), seed, method_overrides(args.set, None))
 
 
 def method_config(method, arg, seed, overrides):
@@ -269,13 +274,13 @@ def sweep(args):
       eta = elapsed / done_here * remaining if done_here else float('nan')
       print(f'[{tag} {i + 1}/{len(todo)}] {method} m={mag} seed={seed} -> {wd} '
             f'(ETA {fmt_eta(eta) if done_here else "?"})', flush=True)
-      if method != 'teacher':
-        wait_for_teacher(os.path.join(args.workdir, f'teacher_s{seed}'), args.teacher_wait_s)
       if method == 'teacher':
-        config = make_config('teacher', config_arg(args), seed, method_overrides(args.set, None))
+        config = teacher_config(args, seed)
       else:
+        teacher_wd = dirs[todo.index(('teacher', None, seed))][0]
+        wait_for_teacher(teacher_wd, args.teacher_wait_s)
         config = method_config(method, config_arg(args, mag), seed, args.set)
-        config.teacher.checkpoint = os.path.join(args.workdir, f'teacher_s{seed}', 'teacher')
+        config.teacher.checkpoint = os.path.join(teacher_wd, 'teacher')
       out = run_cell(config, wd)
       done_here += 1
     results[(method, mag, seed)] = out
@@ -317,7 +322,7 @@ def run_workers(args, argv):
   # Build (or verify) the dataset once here: workers building it together would race on TFDS's
   # final rename.
   from camkd_jax import datasets  # pylint: disable=g-import-not-at-top
-  datasets.get_source(make_config('teacher', config_arg(args), 0, args.set))
+  datasets.get_source(teacher_config(args, 0))
   procs = []
   for k in range(args.workers):
     def pin(core=cores[k % len(cores)] if cores else None):
@@ -425,7 +430,7 @@ def plot(table, mags, methods, path):
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
-  mags, methods, _ = cells(args)
+  mags, methods, seeds = cells(args)
   if args.estimate:
     return print_estimate(args)
   if args.workers > 1 and not args.report_only and not args.worker:
@@ -443,7 +448,7 @@ def main(argv=None):
   plot_path = args.plot or os.path.splitext(args.out)[0] + '_kappa.png'
   plot(table, mags, methods, plot_path)
   text = markdown(table, args, wall, mags, methods)
-  text += per_seed_markdown(results, mags, methods, cells(args)[2])
+  text += per_seed_markdown(results, mags, methods, seeds)
   text += f'\n![test kappa vs magnification]({os.path.basename(plot_path)})\n'
   if args.notes and os.path.exists(args.notes):
     with open(args.notes) as f:
