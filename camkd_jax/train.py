@@ -86,9 +86,29 @@ def validate_config(config, num_devices: int):
   if config.teacher.checkpoint and not checkpoints.is_finished_model(config.teacher.checkpoint):
     checkpoints.read_metadata(config.teacher.checkpoint)  # raises, naming what is missing
   models.get_model(config.model.name, 2, config.model.width, config.model.dtype)
+  validate_init(config)
   distill.make_optimizer(config.optimizer)
   parse_seeds(config)
   step_configs(config)
+
+
+STUDENT_INITS = ('', 'imagenet', 'random', 'teacher')
+
+
+def validate_init(config):
+  """Known init choices; pretrained trunks only at width 1.0; the ImageNet file present."""
+  from camkd_jax import weights  # pylint: disable=g-import-not-at-top
+  if config.student.init not in STUDENT_INITS:
+    raise ValueError(f'unknown config.student.init {config.student.init!r}; known: '
+                     f"{list(STUDENT_INITS)} ('' = the same as config.model.init_weights)")
+  weights.resolve_head_init(config.model.head_init, config.model.init_weights)
+  for stage in ('teacher', 'student'):
+    spec = stage_init(config, stage)['weights']
+    if spec and spec != 'teacher':
+      what = 'config.model.init_weights' if stage == 'teacher' else 'config.student.init'
+      weights.check_pretrained_width(spec, config.model.width, what)
+      if spec == 'imagenet':
+        weights.imagenet_vgg16_path()  # raises, naming the install command
 
 
 def parse_seeds(config) -> List[int]:
@@ -233,7 +253,7 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> Dict[str, Any]:
     report.update(magnification=float(config.magnification), factor=student_cfg.factor,
                   method=config.method)
     checkpoints.save_model(os.path.join(workdir, 'student'), student_params,
-                           model_metadata(config, data, report))
+                           model_metadata(config, data, report, 'student'))
     result['student'] = report
     columns.append(('student', model, student_params, student_cfg.factor))
   if is_main() and config.num_figure_images > 0:
@@ -246,15 +266,15 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- teacher
-def model_metadata(config, data, report) -> Dict[str, Any]:
-  """What a loader must check before using exported parameters."""
+def model_metadata(config, data, report, stage: str = 'teacher') -> Dict[str, Any]:
+  """What a loader must check before using exported parameters (and where they started)."""
   return {'model': {'name': config.model.name, 'width': float(config.model.width),
                     'dtype': config.model.dtype,
                     'input_mean': [float(v) for v in config.model.get('input_mean', ())],
                     'input_std': [float(v) for v in config.model.get('input_std', ())]},
           'image_size': int(data.image_size), 'class_names': list(data.class_names),
           'num_classes': int(data.num_classes), 'seed': int(config.seed),
-          'dataset': config.data.name, 'report': report}
+          'dataset': config.data.name, 'init': stage_init(config, stage), 'report': report}
 
 
 def _get_path(d, dotted):
@@ -369,6 +389,34 @@ def init_params(model, seed: int, image_size: int):
   return _jit_init(model, jax.random.key(seed, impl='rbg'), image_size)
 
 
+def stage_init(config, stage_name: str) -> Dict[str, str]:
+  """{'weights': '' | 'imagenet' | path | 'teacher', 'head': 'normal' | 'pytorch' | 'teacher'}:
+  where a stage's parameters start. The teacher follows config.model.init_weights; the student
+  follows config.student.init ('' = the same as the teacher, 'imagenet', 'random', 'teacher')."""
+  from camkd_jax import weights  # pylint: disable=g-import-not-at-top
+  spec = config.model.init_weights
+  if stage_name == 'student':
+    choice = config.student.init
+    if choice == 'teacher':
+      return {'weights': 'teacher', 'head': 'teacher'}
+    spec = {'': spec, 'imagenet': 'imagenet', 'random': ''}.get(choice, choice)
+  return {'weights': spec, 'head': weights.resolve_head_init(config.model.head_init, spec)}
+
+
+def stage_init_params(stage, image_size: int):
+  """The stage's initial parameters (host), as `stage_init` says."""
+  from camkd_jax import weights  # pylint: disable=g-import-not-at-top
+  init = stage_init(stage.config, stage.name)
+  log = lambda m: logging.info('%s: %s', stage.name, m)
+  if init['weights'] == 'teacher':
+    log('initialised as a copy of the trained teacher (config.student.init=teacher)')
+    return host_tree(stage.teacher_params)
+  params = init_params(stage.model, stage.init_seed, image_size)
+  params = weights.load_pretrained(init['weights'], params, log=log)
+  head_rng = jax.random.fold_in(jax.random.PRNGKey(stage.init_seed), 1)
+  return weights.init_head(params, init['head'], head_rng)
+
+
 def _host_value(x) -> np.ndarray:
   """A replicated array as numpy (works on every process, multi-host included)."""
   return np.asarray(x.addressable_data(0))
@@ -404,12 +452,8 @@ class StageRunner:
 
   # -- state
   def init_state(self):
-    """Fresh train state (random or pretrained init), replicated over the mesh."""
-    cfg = self.stage.config
-    params = init_params(self.stage.model, self.stage.init_seed, self.data.image_size)
-    from camkd_jax import weights  # pylint: disable=g-import-not-at-top
-    params = weights.load_pretrained(cfg.model.init_weights, params,
-                                     log=lambda m: logging.info('%s: %s', self.stage.name, m))
+    """Fresh train state (random, pretrained or teacher-copy init), replicated over the mesh."""
+    params = stage_init_params(self.stage, self.data.image_size)
     state = distill.create_train_state(params, self.tx,
                                        jax.random.PRNGKey(self.stage.train_seed))
     return distill.replicate(state, self.mesh)

