@@ -27,6 +27,8 @@ from camkd_jax import losses
 from camkd_jax import ops
 
 TERMS = ('ce', 'kd', 'fm', 'at', 'sr')
+# Bit i of the state's `bad_terms` mask: a non-finite TERMS[i], then the total, then a gradient.
+BAD_TERM_NAMES = TERMS + ('total', 'gradients')
 DATA_AXIS = 'data'
 
 
@@ -166,7 +168,7 @@ def create_train_state(params, tx, rng) -> Dict[str, Any]:
           'bad_terms': jnp.zeros((), jnp.int32)}
 
 
-def decode_bad_terms(mask: int, names: Sequence[str] = TERMS + ('total',)):
+def decode_bad_terms(mask: int, names: Sequence[str] = BAD_TERM_NAMES):
   """Names of the terms flagged in a `bad_terms` bitmask."""
   return [n for i, n in enumerate(names) if int(mask) >> i & 1]
 
@@ -229,11 +231,11 @@ def _train_step(cfg, student, teacher, tx, state, teacher_params, batch):
   new_params = optax.apply_updates(state['params'], updates)
 
   # Non-finite guard: freeze at the first bad step and remember which terms.
-  values = [terms.get(t, jnp.float32(0)) for t in TERMS] + [total]
-  bad_mask = sum(jnp.where(jnp.isfinite(v), 0, 1 << i) for i, v in enumerate(values))
   grads_ok = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g))
                                   for g in jax.tree_util.tree_leaves(grads)]))
-  bad_mask = bad_mask + jnp.where(grads_ok, 0, 1 << len(values))
+  finite = [jnp.isfinite(terms.get(t, jnp.float32(0))) for t in TERMS]
+  finite += [jnp.isfinite(total), grads_ok]
+  bad_mask = sum(jnp.where(good, 0, 1 << i) for i, good in enumerate(finite))
   ok = (bad_mask == 0) & (state['bad_step'] < 0)
   keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
   new_state = {

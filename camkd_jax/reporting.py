@@ -33,13 +33,18 @@ def results_rows(runs: Mapping[str, Mapping]) -> List[List[str]]:
   return rows
 
 
+def mean_std_cell(mean: float, std: float, digits: int = 4) -> str:
+  """'0.8123 ± 0.0456': a mean over seeds and its sample std."""
+  return f'{mean:.{digits}f} ± {std:.{digits}f}'
+
+
 def summary_rows(summary: Mapping[str, Mapping], magnifications: Mapping[str, float]):
-  """Mean +- std rows from metrics.json's `summary`."""
+  """Mean +- sample std rows from metrics.json's `summary`."""
   rows = []
   for model, s in summary.items():
-    cell = lambda split, key: (f"{s[split][key + '_mean']:.4f} ± {s[split][key + '_std']:.4f}"
+    cell = lambda split, key: (mean_std_cell(s[split][key + '_mean'], s[split][key + '_std'])
                                if key + '_mean' in s.get(split, {}) else '-')
-    rows.append([f'{model} (mean ± std)', f'{magnifications.get(model, 10.0):g}x',
+    rows.append([f'{model} (mean ± sample std)', f'{magnifications.get(model, 10.0):g}x',
                  cell('val', 'balanced_accuracy'), cell('val', 'kappa'),
                  cell('test', 'balanced_accuracy'), cell('test', 'kappa'), '-'])
   return rows

@@ -47,7 +47,6 @@ RESUMABLE_KEYS = ('overwrite', 'distributed', 'log_every_steps', 'checkpoint_eve
 # Everything a run writes into its workdir (what config.overwrite clears).
 OUTPUTS = ('config.json', 'metrics.json', 'results.md', 'figures', 'tensorboard', 'checkpoints',
            'teacher', 'student')
-BAD_TERM_NAMES = distill.TERMS + ('total', 'gradients')
 
 
 def is_main() -> bool:
@@ -238,7 +237,7 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> Dict[str, Any]:
     columns.append(('student', model, student_params, student_cfg.factor))
   if is_main() and config.num_figure_images > 0:
     save_figure(os.path.join(workdir, 'figures', 'gradcam.png'), columns, data,
-                config.num_figure_images)
+                config.num_figure_images, float(config.base_magnification))
   result['wall_time_s'] = time.time() - t0
   result['summary'] = summarize_runs([result])
   checkpoints.write_json(os.path.join(workdir, 'metrics.json'), result)
@@ -480,7 +479,7 @@ class StageRunner:
     bad = _host_scalar(self.state['bad_step'])
     if bad < 0:
       return
-    terms = distill.decode_bad_terms(_host_scalar(self.state['bad_terms']), BAD_TERM_NAMES)
+    terms = distill.decode_bad_terms(_host_scalar(self.state['bad_terms']))
     raise FloatingPointError(
         f'{self.stage.name}: non-finite value(s) in {", ".join(terms)} at step {bad} (epoch '
         f'{bad // self.spe + 1}, step {bad % self.spe} of the epoch); detected at step {step}. '
@@ -555,8 +554,9 @@ class StageRunner:
 
 
 # ----------------------------------------------------------------------------- reports
-def save_figure(path, columns, data, num_images):
-  """Validation images with each model's input view and Grad-CAM map of the true class."""
+def save_figure(path, columns, data, num_images, base_magnification):
+  """Validation images with each model's input view and Grad-CAM map of the true class; a column
+  of factor f > 1 is titled with its magnification, base_magnification / f."""
   batch = next(iter(data.eval_batches('validation')))
   keep = np.flatnonzero(batch['mask'])[:num_images]
   images, labels = batch['image'][keep], batch['label'][keep]
@@ -565,7 +565,7 @@ def save_figure(path, columns, data, num_images):
     cam = distill.make_cam_step(model, factor)
     maps, probs = cam(host_tree(params), images, labels)
     view = ops.student_view(jnp.asarray(images, jnp.float32) / 255.0, factor)
-    cols.append({'title': f'{title} ({10.0 / factor:g}x)' if factor > 1 else title,
+    cols.append({'title': f'{title} ({base_magnification / factor:g}x)' if factor > 1 else title,
                  'view': np.asarray(view), 'maps': np.asarray(maps), 'probs': np.asarray(probs)})
   reporting.save_gradcam_figure(path, images, labels, data.class_names, cols)
 

@@ -151,11 +151,11 @@ def test_combine_seeds_mean_and_std():
   s = out['summary']['student']['test']
   want = np.asarray([0.1, 0.2, 0.45])
   assert s['kappa_mean'] == pytest.approx(want.mean()) and s['kappa_std'] == pytest.approx(
-      want.std())
+      want.std(ddof=1))
   assert out['student']['test']['kappa'] == pytest.approx(want.mean())
   assert out['teacher']['epoch'] == [1, 1, 1] and out['student']['magnification'] == 2.5
   table, rows = train.results_markdown(out)
-  assert len(rows) == 8 and 'student (mean ± std)' in table
+  assert len(rows) == 8 and 'student (mean ± sample std)' in table
 
 
 def test_missing_dataset_error_propagates_and_keeps_files(tmp_path):
