@@ -2,7 +2,7 @@ r"""Times the compiled train and eval programs exactly as the trainer builds the
 
 Three programs, each built with `camkd_jax.distill` the way the trainer builds them (random
 parameters, Adam, donated train state, device-resident random uint8 batches placed with
-`distill.shard_batch`, so the input pipeline is out of the measurement):
+`sharding.shard_batch`, so the input pipeline is out of the measurement):
 
   distill  the student step at factor f with the chosen loss terms (default CE + FM + AT+, the
            2.5x setting of the reference: a_fm 0.1, a_at 10), teacher forward included;
@@ -43,6 +43,7 @@ import numpy as np
 
 from camkd_jax import distill
 from camkd_jax import models
+from camkd_jax import sharding
 
 NUM_CLASSES = 4  # NC, G3, G4, G5
 PROGRAMS = ('distill', 'teacher', 'eval')
@@ -297,7 +298,7 @@ def step_config(case: Case, args) -> distill.StepConfig:
   if case.program == 'teacher':
     return distill.StepConfig(factor=1, weights=(('ce', 1.0),), augment=aug)
   weight = {'ce': 1.0, 'kd': args.a_kd, 'fm': args.a_fm, 'at': args.a_at, 'sr': args.a_sr}
-  # The trainer's path: distill.step_config_from_config -> saliency.from_config(config.attention).
+  # The trainer's path: train.student_step_config -> saliency.from_config(config.attention).
   from camkd_jax import saliency  # pylint: disable=g-import-not-at-top
   spec = saliency.build(map_name=args.at_map, layers=(args.at_layer,))
   return distill.StepConfig(
@@ -341,18 +342,18 @@ def build_program(case: Case, args, mesh) -> Program:
   size = args.image_size
 
   if case.program == 'eval':
-    distill.check_batch_size(args.eval_batch_size, mesh, 'eval_batch_size')
+    sharding.check_batch_size(args.eval_batch_size, mesh, 'eval_batch_size')
     fn = distill.make_eval_step(model, args.factor, mesh)
     abstract = (jax.eval_shape(init, key),
                 jax.ShapeDtypeStruct((args.eval_batch_size, size, size, 3), jnp.uint8))
 
     def make_args():
-      params = distill.replicate(jax.jit(init)(key), mesh)
+      params = sharding.replicate(jax.jit(init)(key), mesh)
       images = _batch(np_rng, args.eval_batch_size, size)['image']
-      return params, distill.shard_batch({'image': images}, mesh)['image']
+      return params, sharding.shard_batch({'image': images}, mesh)['image']
     return Program(fn, abstract, make_args, False, args.eval_batch_size)
 
-  distill.check_batch_size(args.batch_size, mesh)
+  sharding.check_batch_size(args.batch_size, mesh)
   cfg = step_config(case, args)
   tx = distill.make_optimizer(types.SimpleNamespace(name='adam',
                                                     learning_rate=args.learning_rate))
@@ -367,10 +368,10 @@ def build_program(case: Case, args, mesh) -> Program:
               _abstract_batch(args.batch_size, size))
 
   def make_args():
-    state = distill.replicate(jax.jit(make_state)(), mesh)
-    tparams = distill.replicate(jax.jit(tinit)(tkey), mesh) if tinit else None
+    state = sharding.replicate(jax.jit(make_state)(), mesh)
+    tparams = sharding.replicate(jax.jit(tinit)(tkey), mesh) if tinit else None
     # Two different batches alternate, so no step can reuse a cached result.
-    batches = [distill.shard_batch(_batch(np_rng, args.batch_size, size), mesh)
+    batches = [sharding.shard_batch(_batch(np_rng, args.batch_size, size), mesh)
                for _ in range(2)]
     return state, tparams, batches
   return Program(fn, abstract, make_args, True, args.batch_size)
@@ -590,7 +591,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
   args = parse_args(argv)
   _set_xla_flags(args.xla_flags)  # before the first call that starts the backend
   env = environment()
-  mesh = distill.make_mesh()
+  mesh = sharding.make_mesh()
   print(f'# device: {env["device_kind"]} x{env["num_devices"]} ({env["platform"]}), '
         f'jax {env["jax_version"]}, flax {env["flax_version"]}', flush=True)
   result = dict(env, argv=list(sys.argv[1:] if argv is None else argv), rows=[], skipped=[])

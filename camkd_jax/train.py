@@ -37,6 +37,8 @@ from camkd_jax import metrics as metrics_lib
 from camkd_jax import models
 from camkd_jax import ops
 from camkd_jax import reporting
+from camkd_jax import saliency as saliency_lib
+from camkd_jax import sharding
 
 METHODS = ('teacher', 'ce', 'kd', 'fm', 'at', 'sr', 'attn_kd', 'custom')
 DATASETS = ('synthetic_histology', 'sicapv2', 'folder', 'table')
@@ -108,9 +110,23 @@ def step_configs(config):
   """(teacher StepConfig, student StepConfig) with the on-device augmentation."""
   from camkd_jax import augment  # pylint: disable=g-import-not-at-top
   aug = augment.AugmentParams.from_config(config.augment)
-  teacher = distill.step_config_from_config(config, teacher_stage=True, augment=aug)
-  student = distill.step_config_from_config(config, augment=aug)
-  return teacher, student
+  teacher = distill.StepConfig(factor=1, weights=(('ce', 1.0),), augment=aug)
+  return teacher, student_step_config(config, augment=aug)
+
+
+def student_step_config(config, saliency=None, augment=None) -> distill.StepConfig:
+  """The student's StepConfig: f = base_magnification / magnification, the config.loss weights,
+  and the AT map x norm x distance of config.attention (unknown names fail here, at start-up)."""
+  weights = tuple((t, float(getattr(config.loss, t))) for t in distill.TERMS)
+  negative = [t for t, w in weights if w < 0]
+  if negative:
+    raise ValueError(f'loss weights must be >= 0; got negative config.loss.{negative[0]}')
+  return distill.StepConfig(
+      factor=ops.magnification_factor(config.magnification, config.base_magnification),
+      weights=weights, temperature=float(config.loss.temperature),
+      kd_form=config.loss.kd_form, fm_layer=config.loss.fm_layer,
+      saliency=saliency_lib.from_config(config.attention) if saliency is None else saliency,
+      augment=augment)
 
 
 def default_workdir(config_file: Optional[str], config) -> str:
@@ -188,7 +204,7 @@ def clear_workdir(config, workdir: str):
 # ----------------------------------------------------------------------------- entry points
 def run(config, workdir: str) -> Dict[str, Any]:
   """Validates `config`, runs every seed in `workdir` and writes metrics.json / results.md."""
-  mesh = distill.make_mesh()
+  mesh = sharding.make_mesh()
   validate_config(config, mesh.size)
   seeds = parse_seeds(config)
   prepare_workdir(config, workdir)
@@ -210,7 +226,7 @@ def run(config, workdir: str) -> Dict[str, Any]:
 def train_and_evaluate(config, workdir: str, mesh=None) -> Dict[str, Any]:
   """One teacher + one student for config.seed; returns (and writes) the run's metrics."""
   from camkd_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  mesh = mesh or distill.make_mesh()
+  mesh = mesh or sharding.make_mesh()
   t0 = time.time()
   # Process 0 first: on a shared data_dir concurrent TFDS builds would race on the final rename.
   data = distributed.main_process_first(lambda: input_pipeline.get_data(
@@ -281,7 +297,7 @@ def check_teacher_metadata(meta, config, data, path):
 def abstract_params(model, image_size, mesh):
   """Shapes, dtypes and (replicated) shardings of the model's parameters, computing nothing."""
   shapes = jax.eval_shape(lambda: distill.init_params(model, jax.random.PRNGKey(0), image_size))
-  rep = distill.replicated(mesh)
+  rep = sharding.replicated(mesh)
   return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
                                 shapes)
 
@@ -313,13 +329,13 @@ def predict(eval_step, params, data, split, mesh) -> Tuple[np.ndarray, np.ndarra
   """(labels, predicted classes) of every example of `split`, gathered from all processes."""
   logits, labels, masks = [], [], []
   for batch in data.eval_batches(split):
-    g = distill.shard_batch(batch, mesh)
+    g = sharding.shard_batch(batch, mesh)
     logits.append(eval_step(params, g['image']))
     labels.append(g['label'])
     masks.append(g['mask'])
-  mask = np.concatenate([distill.to_host(m) for m in masks]).astype(bool)
-  preds = np.concatenate([np.argmax(distill.to_host(x), axis=-1) for x in logits])
-  labels = np.concatenate([distill.to_host(y) for y in labels])
+  mask = np.concatenate([sharding.to_host(m) for m in masks]).astype(bool)
+  preds = np.concatenate([np.argmax(sharding.to_host(x), axis=-1) for x in logits])
+  labels = np.concatenate([sharding.to_host(y) for y in labels])
   return labels[mask], preds[mask]
 
 
@@ -411,7 +427,7 @@ class StageRunner:
                                      log=lambda m: logging.info('%s: %s', self.stage.name, m))
     state = distill.create_train_state(params, self.tx,
                                        jax.random.PRNGKey(self.stage.train_seed))
-    return distill.replicate(state, self.mesh)
+    return sharding.replicate(state, self.mesh)
 
   def restore_or_init(self):
     state = self.init_state()
@@ -453,7 +469,7 @@ class StageRunner:
     batches = self.data.train_batches(epoch, start)
     for batch in batches:
       self.state, m = self.train_step(self.state, self.stage.teacher_params,
-                                      distill.shard_batch(batch, self.mesh))
+                                      sharding.shard_batch(batch, self.mesh))
       self.pending.append(m)
       step += 1
       if step % self.stage.config.log_every_steps == 0 or step == stop:

@@ -260,10 +260,10 @@ input_pipeline.Data.train_batches = _train_batches
 def _params(path):
   """Exported parameters (saved from 2 devices) restored on this process's single device."""
   import jax  # pylint: disable=g-import-not-at-top
-  from camkd_jax import distill, models  # pylint: disable=g-import-not-at-top
+  from camkd_jax import models, sharding  # pylint: disable=g-import-not-at-top
   config = smoke_config()
   template = train.abstract_params(models.from_config(config.model, 4), config.image_size,
-                                   distill.make_mesh())
+                                   sharding.make_mesh())
   tree, _ = checkpoints.load_model(path, template)
   return {jax.tree_util.keystr(k): np.asarray(v)
           for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -320,7 +320,7 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path, cache_env):
   ckpt = checkpoints.StageCheckpoints(str(workdir / 'checkpoints' / 'teacher'))
   assert ckpt.latest_step() == 1
   import jax  # pylint: disable=g-import-not-at-top
-  from camkd_jax import distill, models  # pylint: disable=g-import-not-at-top
+  from camkd_jax import models, sharding  # pylint: disable=g-import-not-at-top
   config = base.base_config('smoke=1')
   model = models.from_config(config.model, 4)
   params = train.init_params(model, 0, config.image_size)
