@@ -137,6 +137,11 @@ def check_process_blocks(devices=None) -> bool:
   return False
 
 
+def is_main() -> bool:
+  """Whether this is process 0, the one that writes files and logs progress."""
+  return jax.process_index() == 0
+
+
 def main_process_first(fn: Callable[[], T]) -> T:
   """fn() on process 0, then, after a barrier, on the others.
 

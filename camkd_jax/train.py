@@ -1,11 +1,13 @@
 """The driver: teacher stage, student stage, evaluation, model selection, checkpoints, reports.
 
   run(config, workdir)
-    validate the config -> check / write workdir/config.json -> per seed: train_and_evaluate
-    -> metrics.json (+ mean/std over seeds), results.md, a one-screen summary
+    validate the config -> check / write workdir/config.json (camkd_jax.workdir) -> per seed:
+    train_and_evaluate -> metrics.json (+ mean and sample std over seeds), results.md, a
+    one-screen summary (camkd_jax.reporting)
   train_and_evaluate(config, workdir)
     data -> teacher (load workdir/teacher or config.teacher.checkpoint, else train it: CE at f=1)
-    -> student (distillation step at f = 10x / magnification) -> figures/gradcam.png
+    -> student (distillation step at f = base_magnification / magnification)
+    -> figures/gradcam.png
 
 Both stages run the same loop (`StageRunner`): the compiled step of camkd_jax.distill, evaluation
 of validation and test after every epoch, selection on the validation metric (the reference's
@@ -19,11 +21,9 @@ Every process runs this code (multi-host): orbax calls are collective, files are
 process 0 only, and evaluation gathers every process's predictions before computing metrics.
 """
 import dataclasses
-import json
 import os
-import shutil
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 from absl import logging
 import jax
@@ -39,20 +39,12 @@ from camkd_jax import ops
 from camkd_jax import reporting
 from camkd_jax import saliency as saliency_lib
 from camkd_jax import sharding
+from camkd_jax import workdir as workdir_lib
 
 METHODS = ('teacher', 'ce', 'kd', 'fm', 'at', 'sr', 'attn_kd', 'custom')
 DATASETS = ('synthetic_histology', 'sicapv2', 'folder', 'table')
 SELECTION_METRICS = ('kappa', 'balanced_accuracy', 'accuracy')
-# Keys that do not change what a run computes: a workdir may be resumed with other values.
-RESUMABLE_KEYS = ('overwrite', 'distributed', 'log_every_steps', 'checkpoint_every_steps',
-                  'num_figure_images', 'data.data_dir', 'data.manual_dir')
-# Everything a run writes into its workdir (what config.overwrite clears).
-OUTPUTS = ('config.json', 'metrics.json', 'results.md', 'figures', 'tensorboard', 'checkpoints',
-           'teacher', 'student')
 
-
-def is_main() -> bool:
-  return jax.process_index() == 0
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -129,85 +121,13 @@ def student_step_config(config, saliency=None, augment=None) -> distill.StepConf
       augment=augment)
 
 
-def default_workdir(config_file: Optional[str], config) -> str:
-  """workdirs/<config name>[_m<magnification>][_<dataset>][_smoke], e.g. workdirs/attn_kd_m2.5."""
-  stem = os.path.splitext(os.path.basename((config_file or 'run').split(':')[0]))[0]
-  name = stem if config.method == 'teacher' else f'{stem}_m{config.magnification:g}'
-  if config.data.name != 'synthetic_histology':
-    name += f'_{config.data.name}'
-  if config.data.synthetic_size == 'smoke' and config.data.name == 'synthetic_histology':
-    name += '_smoke'
-  return os.path.join('workdirs', name)
-
-
-# ----------------------------------------------------------------------------- workdir
-def _flatten(d, prefix=''):
-  out = {}
-  for k, v in d.items():
-    key = f'{prefix}{k}'
-    out.update(_flatten(v, key + '.') if isinstance(v, dict) else {key: v})
-  return out
-
-
-def config_dict(config) -> Dict[str, Any]:
-  return json.loads(config.to_json_best_effort())
-
-
-def config_differences(old: Dict, new: Dict) -> List[str]:
-  """'key: old -> new' for every result-relevant key that differs."""
-  a, b = _flatten(old), _flatten(new)
-  keys = sorted((set(a) | set(b)) - set(RESUMABLE_KEYS))
-  return [f'{k}: {a.get(k, "<absent>")!r} -> {b.get(k, "<absent>")!r}'
-          for k in keys if a.get(k, '<absent>') != b.get(k, '<absent>')]
-
-
-def prepare_workdir(config, workdir: str):
-  """Refuses a workdir holding another config's run (unless config.overwrite), writes config.json."""
-  path = os.path.join(workdir, 'config.json')
-  new = config_dict(config)
-  old = None
-  if os.path.isfile(path):
-    with open(path) as f:
-      old = json.load(f)
-  # Every process decides on the same file: none may delete or rewrite it before all read it.
-  checkpoints.sync('camkd_jax_read_config')
-  if old is not None:
-    diff = config_differences(old, new)
-    if diff and not config.overwrite:
-      shown = '\n  '.join(diff[:12]) + ('\n  ...' if len(diff) > 12 else '')
-      raise ValueError(
-          f'{workdir} holds a run of a different config ({len(diff)} key(s) differ):\n  {shown}\n'
-          f'Use another --workdir, or pass --config.overwrite=True to delete that run and start '
-          f'afresh.')
-    if diff:
-      clear_workdir(config, workdir)
-  if is_main():
-    os.makedirs(workdir, exist_ok=True)
-  checkpoints.write_json(path, new)
-
-
-def clear_workdir(config, workdir: str):
-  """Deletes what an earlier run wrote (config.overwrite with a different config)."""
-  teacher = os.path.abspath(config.teacher.checkpoint) if config.teacher.checkpoint else ''
-  if teacher and teacher.startswith(os.path.abspath(workdir) + os.sep):
-    raise ValueError(f'config.teacher.checkpoint={config.teacher.checkpoint} lies inside '
-                     f'{workdir}, which config.overwrite would delete; copy the teacher elsewhere')
-  logging.warning('config.overwrite: deleting the earlier run in %s', workdir)
-  if is_main():
-    for name in os.listdir(workdir):
-      if name in OUTPUTS or name.startswith('seed_'):
-        p = os.path.join(workdir, name)
-        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
-  checkpoints.sync('camkd_jax_clear_workdir')
-
-
 # ----------------------------------------------------------------------------- entry points
 def run(config, workdir: str) -> Dict[str, Any]:
   """Validates `config`, runs every seed in `workdir` and writes metrics.json / results.md."""
   mesh = sharding.make_mesh()
   validate_config(config, mesh.size)
   seeds = parse_seeds(config)
-  prepare_workdir(config, workdir)
+  workdir_lib.prepare_workdir(config, workdir)
   logging.info('workdir %s | method %s | %d device(s), %d process(es) | seeds %s', workdir,
                config.method, mesh.size, jax.process_count(), seeds)
   runs = {}
@@ -216,10 +136,12 @@ def run(config, workdir: str) -> Dict[str, Any]:
     cfg.seed = seed
     sub = os.path.join(workdir, f'seed_{seed}') if str(config.seeds).strip() else workdir
     if sub != workdir:
-      checkpoints.write_json(os.path.join(sub, 'config.json'), config_dict(cfg))
+      checkpoints.write_json(os.path.join(sub, 'config.json'), workdir_lib.config_dict(cfg))
     runs[seed] = train_and_evaluate(cfg, sub, mesh)
-  out = combine_seeds(runs)
-  write_reports(out, workdir)
+  out = reporting.combine_seeds(runs)
+  checkpoints.write_json(os.path.join(workdir, 'metrics.json'), out)
+  if distributed.is_main():
+    reporting.write_results(out, workdir)
   return out
 
 
@@ -251,11 +173,11 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> Dict[str, Any]:
                            model_metadata(config, data, report))
     result['student'] = report
     columns.append(('student', model, student_params, student_cfg.factor))
-  if is_main() and config.num_figure_images > 0:
+  if distributed.is_main() and config.num_figure_images > 0:
     save_figure(os.path.join(workdir, 'figures', 'gradcam.png'), columns, data,
                 config.num_figure_images, float(config.base_magnification))
   result['wall_time_s'] = time.time() - t0
-  result['summary'] = summarize_runs([result])
+  result['summary'] = reporting.summarize_runs([result])
   checkpoints.write_json(os.path.join(workdir, 'metrics.json'), result)
   return result
 
@@ -413,9 +335,17 @@ class StageRunner:
     self.ckpt = checkpoints.StageCheckpoints(os.path.join(stage.workdir, 'checkpoints',
                                                           stage.name))
     self.writer = reporting.make_writer(os.path.join(stage.workdir, 'tensorboard', stage.name),
-                                        is_main())
+                                        distributed.is_main())
     self.pending: List[Dict[str, Any]] = []
     self.window = metrics_lib.LossMeans()
+    self.train_step = distill.make_train_step(stage.step_config, stage.model, self.tx, mesh,
+                                              teacher=stage.teacher_model)
+    self.eval_step = distill.make_eval_step(stage.model, stage.step_config.factor, mesh)
+    self.state, self.best_params, self.progress = self.restore_or_init()
+    self.epoch_losses = metrics_lib.LossMeans.from_state(self.progress.get('epoch_losses'))
+    # Throughput / ETA clocks: since the start of run(), and since the last log line.
+    self.t_start = self.t_log = time.time()
+    self.steps_start = self.steps_log = _host_scalar(self.state['step'])
 
   # -- state
   def init_state(self):
@@ -430,6 +360,7 @@ class StageRunner:
     return sharding.replicate(state, self.mesh)
 
   def restore_or_init(self):
+    """(train state, best params, progress) of the latest checkpoint, or fresh ones."""
     state = self.init_state()
     best = jax.tree_util.tree_map(jnp.copy, state['params'])
     progress = {'history': [], 'best': None, 'epoch_losses': None}
@@ -437,17 +368,12 @@ class StageRunner:
     if step is not None:
       state, best, progress = self.ckpt.restore(step, state, best)
       logging.info('%s: resumed from %s/%d', self.stage.name, self.ckpt.directory, step)
-    self.state, self.best_params, self.progress = state, best, progress
-    self.epoch_losses = metrics_lib.LossMeans.from_state(progress.get('epoch_losses'))
+    return state, best, progress
 
   # -- loop
   def run(self) -> Tuple[Any, Dict[str, Any]]:
     """Trains to the end (or resumes); returns (best params, report of the best epoch)."""
-    self.restore_or_init()
     st = self.stage
-    self.train_step = distill.make_train_step(st.step_config, st.model, self.tx, self.mesh,
-                                              teacher=st.teacher_model)
-    self.eval_step = distill.make_eval_step(st.model, st.step_config.factor, self.mesh)
     step = _host_scalar(self.state['step'])
     logging.info('%s: steps %d..%d of %d (%d epoch(s) of %d), factor %d, terms %s', st.name,
                  step, self.total, self.total, self.num_epochs, self.spe, st.step_config.factor,
@@ -569,6 +495,8 @@ class StageRunner:
             'step': best['step'], 'train': best['train'], 'history': history}
 
 
+
+
 # ----------------------------------------------------------------------------- reports
 def save_figure(path, columns, data, num_images, base_magnification):
   """Validation images with each model's input view and Grad-CAM map of the true class; a column
@@ -584,59 +512,3 @@ def save_figure(path, columns, data, num_images, base_magnification):
     cols.append({'title': f'{title} ({base_magnification / factor:g}x)' if factor > 1 else title,
                  'view': np.asarray(view), 'maps': np.asarray(maps), 'probs': np.asarray(probs)})
   reporting.save_gradcam_figure(path, images, labels, data.class_names, cols)
-
-
-def summarize_runs(results: List[Dict]) -> Dict[str, Any]:
-  """mean/std over seeds of each model's val/test metrics."""
-  out = {}
-  for model in ('teacher', 'student'):
-    runs = [r[model] for r in results if model in r]
-    if runs:
-      out[model] = metrics_lib.summarize(runs)
-  return out
-
-
-def combine_seeds(runs: Dict[int, Dict]) -> Dict[str, Any]:
-  """metrics.json of the whole run: one seed as is; several seeds with their means and `runs`."""
-  results = list(runs.values())
-  if len(results) == 1:
-    return results[0]
-  out = {'seeds': [int(s) for s in runs], 'summary': summarize_runs(results),
-         'runs': {str(s): r for s, r in runs.items()}}
-  for model in ('teacher', 'student'):
-    if model in out['summary']:
-      s = out['summary'][model]
-      out[model] = {split: {k[:-5]: v for k, v in s[split].items() if k.endswith('_mean')}
-                    for split in ('val', 'test')}
-      out[model]['epoch'] = [r[model]['epoch'] for r in results]
-      if model == 'student':
-        out[model].update(magnification=results[0]['student']['magnification'],
-                          factor=results[0]['student']['factor'])
-  return out
-
-
-def results_markdown(out: Dict[str, Any]) -> Tuple[str, List[List[str]]]:
-  rows = []
-  runs = out.get('runs') or {str(out['seeds'][0]): out}
-  for seed, r in runs.items():
-    labelled = {f'{m} (seed {seed})': r[m] for m in ('teacher', 'student') if m in r}
-    rows += reporting.results_rows(labelled)
-  if len(runs) > 1:
-    mags = {'student': out['student']['magnification']} if 'student' in out else {}
-    rows += reporting.summary_rows(out['summary'], mags)
-  return reporting.markdown_table(rows), rows
-
-
-def write_reports(out: Dict[str, Any], workdir: str):
-  """metrics.json, results.md and the console summary."""
-  checkpoints.write_json(os.path.join(workdir, 'metrics.json'), out)
-  table, rows = results_markdown(out)
-  if is_main():
-    with open(os.path.join(workdir, 'results.md'), 'w') as f:
-      f.write('# Results\n\nMetrics of the checkpoint selected on validation '
-              'kappa (test reported at that epoch).\n\n' + table)
-    where = ('seed_*/: figures/gradcam.png, tensorboard/, checkpoints/, teacher/, student/'
-             if 'runs' in out else
-             'figures/gradcam.png, tensorboard/, checkpoints/, teacher/, student/')
-    print('\n' + reporting.text_table(rows) + f'\n\noutputs in {os.path.abspath(workdir)}: '
-          f'metrics.json, results.md, {where}\n', flush=True)
