@@ -120,14 +120,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       '--xla_gpu_autotune_level=2)')
   p.add_argument('--suite', default='', choices=('', 'gpu'),
                  help='gpu = the fixed, prioritised list of SUITES["gpu"] at the paper setting '
-                      '(replaces --programs/--terms/--dtypes/--maxpool)')
+                      '(replaces --programs/--terms/--dtypes)')
   p.add_argument('--time_budget_s', type=float, default=0.0,
                  help='start no new configuration after this many seconds (0 = no limit); '
                       'skipped ones are listed in the output')
-  p.add_argument('--maxpool', default='flax', choices=('flax', 'reshape'),
-                 help='EXPERIMENTAL A/B: reshape = trace the 2x2 max-pools as reshape + max '
-                      '(elementwise backward) instead of reduce_window (select-and-scatter '
-                      'backward); flax = the model as written')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--json_out', default='', help='write all results to this JSON file')
   args = p.parse_args(argv)
@@ -248,23 +244,20 @@ class Case:
   program: str
   dtype: str
   terms: Tuple[str, ...] = ()
-  maxpool: str = 'flax'
 
   @property
   def name(self):
-    name = f'distill[{"+".join(self.terms)}]' if self.program == 'distill' else self.program
-    return name if self.maxpool == 'flax' else f'{name} pool={self.maxpool}'
+    return f'distill[{"+".join(self.terms)}]' if self.program == 'distill' else self.program
 
 
 _PAPER = ('ce', 'fm', 'at')
-# Prioritised: the targets first, then the cost of AT+, the teacher, and the pooling A/B; with
+# Prioritised: the targets first, then the cost of AT+ and the teacher; with
 # --time_budget_s the tail is what gets dropped.
 SUITES = {
     'gpu': (
         Case('distill', 'bfloat16', _PAPER), Case('distill', 'float32', _PAPER),
         Case('eval', 'bfloat16'), Case('eval', 'float32'),
         Case('distill', 'bfloat16', ('ce', 'fm')), Case('teacher', 'bfloat16', ('ce',)),
-        Case('distill', 'bfloat16', _PAPER, 'reshape'),
         Case('distill', 'float32', ('ce', 'fm')), Case('teacher', 'float32', ('ce',)),
     ),
 }
@@ -277,11 +270,11 @@ def cases_from_args(args) -> List[Case]:
   for dtype in args.dtypes:
     for program in args.programs:
       if program == 'distill':
-        out.extend(Case(program, dtype, terms, args.maxpool) for terms in args.terms)
+        out.extend(Case(program, dtype, terms) for terms in args.terms)
       elif program == 'teacher':
-        out.append(Case(program, dtype, ('ce',), args.maxpool))
+        out.append(Case(program, dtype, ('ce',)))
       else:
-        out.append(Case(program, dtype, (), args.maxpool))
+        out.append(Case(program, dtype, ()))
   return out
 
 
@@ -377,34 +370,6 @@ def build_program(case: Case, args, mesh) -> Program:
   return Program(fn, abstract, make_args, True, args.batch_size)
 
 
-@contextlib.contextmanager
-def maxpool_impl(kind: str):
-  """While active, `flax.linen.max_pool` with a non-overlapping 2x2 VALID window (what VGG uses)
-  is traced as reshape + max. Only the benchmark's A/B uses this; the models are unchanged.
-
-  Forward values are identical. The backward differs only at ties: reshape + max splits the
-  gradient evenly between equal maxima, select-and-scatter gives it to one of them.
-  """
-  if kind == 'flax':
-    yield
-    return
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  original = nn.max_pool
-
-  def reshape_max_pool(x, window_shape, strides=None, padding='VALID'):
-    b, h, w, c = x.shape
-    if (tuple(window_shape) != (2, 2) or tuple(strides or ()) != (2, 2) or padding != 'VALID'
-        or x.ndim != 4 or h % 2 or w % 2):
-      return original(x, window_shape, strides=strides, padding=padding)
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-
-  nn.max_pool = reshape_max_pool
-  try:
-    yield
-  finally:
-    nn.max_pool = original
-
-
 # ----------------------------------------------------------------------------- timing
 def _timed(fn):
   t0 = time.perf_counter()
@@ -490,9 +455,7 @@ def run_case(case: Case, args, mesh, device_kind: str) -> Dict:
              factor=1 if case.program == 'teacher' else args.factor,
              batch_size=prog.batch, augment=(case.program != 'eval' and not args.no_augment),
              matmul_precision=args.matmul_precision)
-  row['maxpool'] = case.maxpool
-  with maxpool_impl(case.maxpool):  # tracing happens while lowering
-    lowered, row['lower_s'] = _timed(lambda: prog.jitted.lower(*prog.abstract_args))
+  lowered, row['lower_s'] = _timed(lambda: prog.jitted.lower(*prog.abstract_args))
   row['flops_unoptimized'] = flops_from_cost(_cost_analysis(lowered))
   row['analytic_flops'] = analytic_flops(case.program, case.terms, args.model,
                                          args.image_size, args.width, prog.batch)

@@ -17,6 +17,9 @@ from camkd_jax import distributed
 # Keys that do not change what a run computes: a workdir may be resumed with other values.
 RESUMABLE_KEYS = ('overwrite', 'distributed', 'log_every_steps', 'checkpoint_every_steps',
                   'num_figure_images', 'data.data_dir', 'data.manual_dir')
+# Keys removed from the configs that an older workdir's config.json may still hold; none of them
+# changed results, so such a workdir resumes.
+RETIRED_KEYS = ('shuffle_buffer',)
 # Everything a run writes into its workdir (what config.overwrite clears).
 OUTPUTS = ('config.json', 'metrics.json', 'results.md', 'figures', 'tensorboard', 'checkpoints',
            'teacher', 'student')
@@ -48,7 +51,7 @@ def config_dict(config) -> Dict[str, Any]:
 def config_differences(old: Dict, new: Dict) -> List[str]:
   """'key: old -> new' for every result-relevant key that differs."""
   a, b = _flatten(old), _flatten(new)
-  keys = sorted((set(a) | set(b)) - set(RESUMABLE_KEYS))
+  keys = sorted((set(a) | set(b)) - set(RESUMABLE_KEYS) - set(RETIRED_KEYS))
   return [f'{k}: {a.get(k, "<absent>")!r} -> {b.get(k, "<absent>")!r}'
           for k in keys if a.get(k, '<absent>') != b.get(k, '<absent>')]
 

@@ -86,7 +86,6 @@ def base_config(arg=None):
   c.data.split_seed = 0                        # seeded split when no split folders/column
   c.image_size = d['image_size']
   c.balance = True                             # reference oversampling
-  c.shuffle_buffer = 4096
 
   # ---- resolution ---------------------------------------------------------
   c.base_magnification = 10.0

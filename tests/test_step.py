@@ -177,12 +177,7 @@ print('OK', json.dumps(ma))
 
 
 def test_sharded_equals_unsharded(python_runner):
-  try:
-    from camkd_jax import augment  # pylint: disable=unused-import,g-import-not-at-top
-    aug = 'augment.AugmentParams()'
-  except ImportError:
-    aug = 'None'
-  out = python_runner(SHARDED.replace('AUG', aug),
+  out = python_runner(SHARDED.replace('AUG', 'augment.AugmentParams()'),
                       {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
   assert out.startswith('OK'), out
 
