@@ -2,7 +2,7 @@ r"""Times the compiled train and eval programs exactly as the trainer builds the
 
 Three programs, each built with `camkd_jax.distill` the way the trainer builds them (random
 parameters, Adam, donated train state, device-resident random uint8 batches placed with
-`distill.shard_batch`, so the input pipeline is out of the measurement):
+`sharding.shard_batch`, so the input pipeline is out of the measurement):
 
   distill  the student step at factor f with the chosen loss terms (default CE + FM + AT+, the
            2.5x setting of the reference: a_fm 0.1, a_at 10), teacher forward included;
@@ -43,6 +43,7 @@ import numpy as np
 
 from camkd_jax import distill
 from camkd_jax import models
+from camkd_jax import sharding
 
 NUM_CLASSES = 4  # NC, G3, G4, G5
 PROGRAMS = ('distill', 'teacher', 'eval')
@@ -119,14 +120,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       '--xla_gpu_autotune_level=2)')
   p.add_argument('--suite', default='', choices=('', 'gpu'),
                  help='gpu = the fixed, prioritised list of SUITES["gpu"] at the paper setting '
-                      '(replaces --programs/--terms/--dtypes/--maxpool)')
+                      '(replaces --programs/--terms/--dtypes)')
   p.add_argument('--time_budget_s', type=float, default=0.0,
                  help='start no new configuration after this many seconds (0 = no limit); '
                       'skipped ones are listed in the output')
-  p.add_argument('--maxpool', default='flax', choices=('flax', 'reshape'),
-                 help='EXPERIMENTAL A/B: reshape = trace the 2x2 max-pools as reshape + max '
-                      '(elementwise backward) instead of reduce_window (select-and-scatter '
-                      'backward); flax = the model as written')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--json_out', default='', help='write all results to this JSON file')
   args = p.parse_args(argv)
@@ -247,23 +244,20 @@ class Case:
   program: str
   dtype: str
   terms: Tuple[str, ...] = ()
-  maxpool: str = 'flax'
 
   @property
   def name(self):
-    name = f'distill[{"+".join(self.terms)}]' if self.program == 'distill' else self.program
-    return name if self.maxpool == 'flax' else f'{name} pool={self.maxpool}'
+    return f'distill[{"+".join(self.terms)}]' if self.program == 'distill' else self.program
 
 
 _PAPER = ('ce', 'fm', 'at')
-# Prioritised: the targets first, then the cost of AT+, the teacher, and the pooling A/B; with
+# Prioritised: the targets first, then the cost of AT+ and the teacher; with
 # --time_budget_s the tail is what gets dropped.
 SUITES = {
     'gpu': (
         Case('distill', 'bfloat16', _PAPER), Case('distill', 'float32', _PAPER),
         Case('eval', 'bfloat16'), Case('eval', 'float32'),
         Case('distill', 'bfloat16', ('ce', 'fm')), Case('teacher', 'bfloat16', ('ce',)),
-        Case('distill', 'bfloat16', _PAPER, 'reshape'),
         Case('distill', 'float32', ('ce', 'fm')), Case('teacher', 'float32', ('ce',)),
     ),
 }
@@ -276,11 +270,11 @@ def cases_from_args(args) -> List[Case]:
   for dtype in args.dtypes:
     for program in args.programs:
       if program == 'distill':
-        out.extend(Case(program, dtype, terms, args.maxpool) for terms in args.terms)
+        out.extend(Case(program, dtype, terms) for terms in args.terms)
       elif program == 'teacher':
-        out.append(Case(program, dtype, ('ce',), args.maxpool))
+        out.append(Case(program, dtype, ('ce',)))
       else:
-        out.append(Case(program, dtype, (), args.maxpool))
+        out.append(Case(program, dtype, ()))
   return out
 
 
@@ -297,7 +291,7 @@ def step_config(case: Case, args) -> distill.StepConfig:
   if case.program == 'teacher':
     return distill.StepConfig(factor=1, weights=(('ce', 1.0),), augment=aug)
   weight = {'ce': 1.0, 'kd': args.a_kd, 'fm': args.a_fm, 'at': args.a_at, 'sr': args.a_sr}
-  # The trainer's path: distill.step_config_from_config -> saliency.from_config(config.attention).
+  # The trainer's path: train.student_step_config -> saliency.from_config(config.attention).
   from camkd_jax import saliency  # pylint: disable=g-import-not-at-top
   spec = saliency.build(map_name=args.at_map, layers=(args.at_layer,))
   return distill.StepConfig(
@@ -341,18 +335,18 @@ def build_program(case: Case, args, mesh) -> Program:
   size = args.image_size
 
   if case.program == 'eval':
-    distill.check_batch_size(args.eval_batch_size, mesh, 'eval_batch_size')
+    sharding.check_batch_size(args.eval_batch_size, mesh, 'eval_batch_size')
     fn = distill.make_eval_step(model, args.factor, mesh)
     abstract = (jax.eval_shape(init, key),
                 jax.ShapeDtypeStruct((args.eval_batch_size, size, size, 3), jnp.uint8))
 
     def make_args():
-      params = distill.replicate(jax.jit(init)(key), mesh)
+      params = sharding.replicate(jax.jit(init)(key), mesh)
       images = _batch(np_rng, args.eval_batch_size, size)['image']
-      return params, distill.shard_batch({'image': images}, mesh)['image']
+      return params, sharding.shard_batch({'image': images}, mesh)['image']
     return Program(fn, abstract, make_args, False, args.eval_batch_size)
 
-  distill.check_batch_size(args.batch_size, mesh)
+  sharding.check_batch_size(args.batch_size, mesh)
   cfg = step_config(case, args)
   tx = distill.make_optimizer(types.SimpleNamespace(name='adam',
                                                     learning_rate=args.learning_rate))
@@ -367,41 +361,13 @@ def build_program(case: Case, args, mesh) -> Program:
               _abstract_batch(args.batch_size, size))
 
   def make_args():
-    state = distill.replicate(jax.jit(make_state)(), mesh)
-    tparams = distill.replicate(jax.jit(tinit)(tkey), mesh) if tinit else None
+    state = sharding.replicate(jax.jit(make_state)(), mesh)
+    tparams = sharding.replicate(jax.jit(tinit)(tkey), mesh) if tinit else None
     # Two different batches alternate, so no step can reuse a cached result.
-    batches = [distill.shard_batch(_batch(np_rng, args.batch_size, size), mesh)
+    batches = [sharding.shard_batch(_batch(np_rng, args.batch_size, size), mesh)
                for _ in range(2)]
     return state, tparams, batches
   return Program(fn, abstract, make_args, True, args.batch_size)
-
-
-@contextlib.contextmanager
-def maxpool_impl(kind: str):
-  """While active, `flax.linen.max_pool` with a non-overlapping 2x2 VALID window (what VGG uses)
-  is traced as reshape + max. Only the benchmark's A/B uses this; the models are unchanged.
-
-  Forward values are identical. The backward differs only at ties: reshape + max splits the
-  gradient evenly between equal maxima, select-and-scatter gives it to one of them.
-  """
-  if kind == 'flax':
-    yield
-    return
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  original = nn.max_pool
-
-  def reshape_max_pool(x, window_shape, strides=None, padding='VALID'):
-    b, h, w, c = x.shape
-    if (tuple(window_shape) != (2, 2) or tuple(strides or ()) != (2, 2) or padding != 'VALID'
-        or x.ndim != 4 or h % 2 or w % 2):
-      return original(x, window_shape, strides=strides, padding=padding)
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
-
-  nn.max_pool = reshape_max_pool
-  try:
-    yield
-  finally:
-    nn.max_pool = original
 
 
 # ----------------------------------------------------------------------------- timing
@@ -489,9 +455,7 @@ def run_case(case: Case, args, mesh, device_kind: str) -> Dict:
              factor=1 if case.program == 'teacher' else args.factor,
              batch_size=prog.batch, augment=(case.program != 'eval' and not args.no_augment),
              matmul_precision=args.matmul_precision)
-  row['maxpool'] = case.maxpool
-  with maxpool_impl(case.maxpool):  # tracing happens while lowering
-    lowered, row['lower_s'] = _timed(lambda: prog.jitted.lower(*prog.abstract_args))
+  lowered, row['lower_s'] = _timed(lambda: prog.jitted.lower(*prog.abstract_args))
   row['flops_unoptimized'] = flops_from_cost(_cost_analysis(lowered))
   row['analytic_flops'] = analytic_flops(case.program, case.terms, args.model,
                                          args.image_size, args.width, prog.batch)
@@ -590,7 +554,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
   args = parse_args(argv)
   _set_xla_flags(args.xla_flags)  # before the first call that starts the backend
   env = environment()
-  mesh = distill.make_mesh()
+  mesh = sharding.make_mesh()
   print(f'# device: {env["device_kind"]} x{env["num_devices"]} ({env["platform"]}), '
         f'jax {env["jax_version"]}, flax {env["flax_version"]}', flush=True)
   result = dict(env, argv=list(sys.argv[1:] if argv is None else argv), rows=[], skipped=[])

@@ -14,88 +14,25 @@ on logging steps and before checkpointing, so no NaN reaches a checkpoint and th
 waits on the host.
 """
 import dataclasses
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from camkd_jax import gradcam
 from camkd_jax import losses
 from camkd_jax import ops
+from camkd_jax import saliency as saliency_lib
+from camkd_jax import sharding
 
 TERMS = ('ce', 'kd', 'fm', 'at', 'sr')
-DATA_AXIS = 'data'
-
-
-# ----------------------------------------------------------------------------- mesh / sharding
-def make_mesh(devices=None) -> Mesh:
-  """A 1-D mesh with a `data` axis over all (global) devices."""
-  devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
-
-
-def check_batch_size(batch_size: int, mesh: Mesh, what: str = 'batch_size'):
-  """The global batch must split evenly over the devices of the data axis."""
-  n = mesh.shape[DATA_AXIS]
-  if batch_size % n:
-    raise ValueError(
-        f'{what}={batch_size} is not divisible by the number of devices ({n}); '
-        f'choose a multiple of {n} (e.g. {max(n, batch_size // n * n)}).')
-
-
-def batch_sharding(mesh):
-  return NamedSharding(mesh, P(DATA_AXIS))
-
-
-def replicated(mesh):
-  return NamedSharding(mesh, P())
-
-
-def shard_batch(batch: Dict[str, np.ndarray], mesh: Mesh):
-  """Process-local numpy batch -> global arrays sharded on the leading axis."""
-  sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
-
-
-def replicate(tree, mesh):
-  """Places a host pytree replicated on every device of the mesh."""
-  return jax.device_put(tree, replicated(mesh))
-
-
-def to_host(x):
-  """Global (possibly multi-process sharded) array -> full numpy array on every process."""
-  if jax.process_count() == 1:
-    return np.asarray(jax.device_get(x))
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+# Bit i of the state's `bad_terms` mask: a non-finite TERMS[i], then the total, then a gradient.
+BAD_TERM_NAMES = TERMS + ('total', 'gradients')
 
 
 # ----------------------------------------------------------------------------- configuration
-@dataclasses.dataclass(frozen=True)
-class SaliencySpec:
-  """What the AT term needs: the activations to differentiate and a pure loss on the results.
-
-  loss_fn(student: gradcam.Saliency, teacher: gradcam.Saliency, labels) -> scalar.
-  """
-  layers: Tuple[str, ...] = ('block5',)
-  loss_fn: Optional[Callable[..., Any]] = None
-
-  @classmethod
-  def at_plus(cls, layer='block5', mode='atplus', norm='minmax', temperature=0.01):
-    """The reference AT+: Grad-CAM (ReLU per channel) at one layer, min-max, per-sample RMSE."""
-    cam = gradcam.CAM_MODES[mode]
-
-    def loss_fn(s, t, labels):
-      del labels
-      return losses.at_plus_loss(cam(s.acts[layer], s.grads[layer]),
-                                 cam(t.acts[layer], t.grads[layer]), norm, temperature)
-    return cls((layer,), loss_fn)
-
-
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
   """Static description of one train step (everything that changes the compiled program)."""
@@ -104,7 +41,7 @@ class StepConfig:
   temperature: float = 1.0
   kd_form: str = 'reference'
   fm_layer: str = 'block5'
-  saliency: SaliencySpec = SaliencySpec.at_plus()
+  saliency: saliency_lib.SaliencySpec = saliency_lib.DEFAULT  # the reference AT+
   augment: Any = None        # camkd_jax.augment.AugmentParams or None
 
   def weight(self, term):
@@ -117,25 +54,6 @@ class StepConfig:
   @property
   def needs_teacher(self):
     return any(self.weight(t) != 0.0 for t in ('kd', 'fm', 'at', 'sr'))
-
-
-def step_config_from_config(config, teacher_stage: bool = False, saliency=None, augment=None):
-  """StepConfig for the student (or, with teacher_stage=True, the CE-only teacher at f=1)."""
-  if teacher_stage:
-    return StepConfig(factor=1, weights=(('ce', 1.0),), augment=augment)
-  weights = tuple((t, float(getattr(config.loss, t))) for t in TERMS)
-  negative = [t for t, w in weights if w < 0]
-  if negative:
-    raise ValueError(f'loss weights must be >= 0; got negative config.loss.{negative[0]}')
-  if saliency is None:
-    # map x norm x distance from config.attention; unknown names fail here, at start-up.
-    from camkd_jax import saliency as saliency_lib  # pylint: disable=g-import-not-at-top
-    saliency = saliency_lib.from_config(config.attention)
-  return StepConfig(
-      factor=ops.magnification_factor(config.magnification, config.base_magnification),
-      weights=weights, temperature=float(config.loss.temperature),
-      kd_form=config.loss.kd_form, fm_layer=config.loss.fm_layer, saliency=saliency,
-      augment=augment)
 
 
 def make_optimizer(opt_cfg) -> optax.GradientTransformation:
@@ -166,7 +84,7 @@ def create_train_state(params, tx, rng) -> Dict[str, Any]:
           'bad_terms': jnp.zeros((), jnp.int32)}
 
 
-def decode_bad_terms(mask: int, names: Sequence[str] = TERMS + ('total',)):
+def decode_bad_terms(mask: int, names: Sequence[str] = BAD_TERM_NAMES):
   """Names of the terms flagged in a `bad_terms` bitmask."""
   return [n for i, n in enumerate(names) if int(mask) >> i & 1]
 
@@ -229,11 +147,11 @@ def _train_step(cfg, student, teacher, tx, state, teacher_params, batch):
   new_params = optax.apply_updates(state['params'], updates)
 
   # Non-finite guard: freeze at the first bad step and remember which terms.
-  values = [terms.get(t, jnp.float32(0)) for t in TERMS] + [total]
-  bad_mask = sum(jnp.where(jnp.isfinite(v), 0, 1 << i) for i, v in enumerate(values))
   grads_ok = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g))
                                   for g in jax.tree_util.tree_leaves(grads)]))
-  bad_mask = bad_mask + jnp.where(grads_ok, 0, 1 << len(values))
+  finite = [jnp.isfinite(terms.get(t, jnp.float32(0))) for t in TERMS]
+  finite += [jnp.isfinite(total), grads_ok]
+  bad_mask = sum(jnp.where(good, 0, 1 << i) for i, good in enumerate(finite))
   ok = (bad_mask == 0) & (state['bad_step'] < 0)
   keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
   new_state = {
@@ -260,7 +178,7 @@ def make_train_step(cfg: StepConfig, student, tx, mesh: Mesh, teacher=None, dona
   """
   if cfg.needs_teacher and teacher is None:
     raise ValueError(f'terms {cfg.active_terms} need a teacher model')
-  rep, bat = replicated(mesh), batch_sharding(mesh)
+  rep, bat = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   fn = lambda state, tparams, batch: _train_step(cfg, student, teacher, tx, state, tparams, batch)
   return jax.jit(fn, in_shardings=(rep, rep, bat), out_shardings=(rep, rep),
                  donate_argnums=(0,) if donate else ())
@@ -272,8 +190,8 @@ def make_eval_step(model, factor: int, mesh: Mesh):
     x = ops.student_view(images.astype(jnp.float32) / 255.0, factor)
     logits, _ = model.apply({'params': params}, x)
     return logits
-  return jax.jit(fn, in_shardings=(replicated(mesh), batch_sharding(mesh)),
-                 out_shardings=batch_sharding(mesh))
+  return jax.jit(fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.batch_sharding(mesh))
 
 
 def make_cam_step(model, factor: int, layer: str = 'block5', mode: str = 'atplus'):

@@ -21,7 +21,7 @@ defaults to none), which is what lets two processes on one machine rehearse a mu
 
 After initialisation `check_process_blocks` checks (and warns otherwise) what makes results
 independent of the number of processes: in `jax.devices()` order (the order of
-distill.make_mesh's `data` axis) the devices of process 0 come first, then those of process 1,
+sharding.make_mesh's `data` axis) the devices of process 0 come first, then those of process 1,
 ..., each process holding the same number. Process p then owns rows [p * B / P, (p + 1) * B / P)
 of every global batch, exactly the slice input_pipeline gives it, so the global batch, and with
 it the per-example augmentation, is the same whatever the number of processes. (Verified for
@@ -135,6 +135,11 @@ def check_process_blocks(devices=None) -> bool:
       'process\'s rows of the global batch differ from its input-pipeline slice, so results '
       'are not identical to runs with another number of processes.', owners)
   return False
+
+
+def is_main() -> bool:
+  """Whether this is process 0, the one that writes files and logs progress."""
+  return jax.process_index() == 0
 
 
 def main_process_first(fn: Callable[[], T]) -> T:

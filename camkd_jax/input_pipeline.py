@@ -222,22 +222,6 @@ def _pad(images, labels, size):
 # ---------------------------------------------------------------- construction
 
 
-def student_factor(config):
-  """f = round(base_magnification / magnification); a power of two dividing image_size."""
-  ratio = config.base_magnification / config.magnification
-  f = int(round(ratio))
-  if f < 1 or (f & (f - 1)) != 0 or abs(ratio - f) > 1e-6:
-    raise ValueError(
-        f'config.magnification={config.magnification} gives a down-sampling factor '
-        f'{config.base_magnification}/{config.magnification} = {ratio:g}, which is not a power '
-        f'of two; use one of {[config.base_magnification / 2 ** k for k in range(6)]}')
-  if config.image_size % f:
-    raise ValueError(f'config.image_size={config.image_size} is not divisible by the student\'s '
-                     f'down-sampling factor {f} (magnification {config.magnification}x of '
-                     f'{config.base_magnification}x); pick an image_size that is a multiple of {f}')
-  return f
-
-
 def _check_divisible(what, value, process_count):
   if value % process_count:
     raise ValueError(f'config.{what}={value} is not divisible by the number of processes '
@@ -250,7 +234,6 @@ def get_data(config, *, process_index=None, process_count=None) -> Data:
     import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  student_factor(config)
   _check_divisible('batch_size', config.batch_size, process_count)
   _check_divisible('eval_batch_size', config.eval_batch_size, process_count)
   source = datasets.get_source(config)

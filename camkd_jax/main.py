@@ -22,6 +22,7 @@ from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,w
 
 from camkd_jax import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
+from camkd_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -54,7 +55,7 @@ def main(argv):
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   if jax.process_index() > 0:
     logging.set_verbosity(logging.WARNING)  # one progress log: process 0's
-  workdir = FLAGS.workdir or train.default_workdir(
+  workdir = FLAGS.workdir or workdir_lib.default_workdir(
       config_flags.get_config_filename(FLAGS['config']), config)
   logging.info('workdir %s', workdir)
   train.run(config, workdir)

@@ -77,13 +77,14 @@ def improved(value: float, best, min_delta: float) -> bool:
 
 
 def mean_std(values: Sequence[float]) -> Dict[str, float]:
-  """Mean and population standard deviation (ddof=0, as numpy.std) of per-seed values."""
+  """Mean and sample standard deviation (ddof=1) of per-seed values; std 0.0 for one value."""
   v = np.asarray(values, np.float64)
-  return {'mean': float(np.mean(v)), 'std': float(np.std(v))}
+  std = float(np.std(v, ddof=1)) if v.size > 1 else 0.0
+  return {'mean': float(np.mean(v)), 'std': std}
 
 
 def summarize(runs: Sequence[Mapping], keys=('balanced_accuracy', 'kappa', 'accuracy')):
-  """Per split: {key_mean, key_std} over runs, each run {'val': {...}, 'test': {...}}."""
+  """Per split: {key_mean, key_std} (sample std) over runs, each {'val': {...}, 'test': {...}}."""
   out = {}
   for split in ('val', 'test'):
     out[split] = {}

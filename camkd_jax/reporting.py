@@ -1,11 +1,14 @@
-"""What a run leaves for people: TensorBoard scalars, the Grad-CAM figure, the results table.
+"""What a run leaves for people: TensorBoard scalars, the results tables (per seed and mean ±
+sample std over seeds), results.md, the console summary and the Grad-CAM figure.
 
 TensorBoard scalars go through clu's metric writers (process 0 only).
 """
 import os
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+
+from camkd_jax import metrics as metrics_lib
 
 
 # ----------------------------------------------------------------------------- TensorBoard events
@@ -33,13 +36,18 @@ def results_rows(runs: Mapping[str, Mapping]) -> List[List[str]]:
   return rows
 
 
+def mean_std_cell(mean: float, std: float, digits: int = 4) -> str:
+  """'0.8123 ± 0.0456': a mean over seeds and its sample std."""
+  return f'{mean:.{digits}f} ± {std:.{digits}f}'
+
+
 def summary_rows(summary: Mapping[str, Mapping], magnifications: Mapping[str, float]):
-  """Mean +- std rows from metrics.json's `summary`."""
+  """Mean +- sample std rows from metrics.json's `summary`."""
   rows = []
   for model, s in summary.items():
-    cell = lambda split, key: (f"{s[split][key + '_mean']:.4f} ± {s[split][key + '_std']:.4f}"
+    cell = lambda split, key: (mean_std_cell(s[split][key + '_mean'], s[split][key + '_std'])
                                if key + '_mean' in s.get(split, {}) else '-')
-    rows.append([f'{model} (mean ± std)', f'{magnifications.get(model, 10.0):g}x',
+    rows.append([f'{model} (mean ± sample std)', f'{magnifications.get(model, 10.0):g}x',
                  cell('val', 'balanced_accuracy'), cell('val', 'kappa'),
                  cell('test', 'balanced_accuracy'), cell('test', 'kappa'), '-'])
   return rows
@@ -60,6 +68,61 @@ def text_table(rows: Sequence[Sequence[str]], header: Sequence[str] = HEADER) ->
   widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
   fmt = lambda r: '  '.join(str(c).ljust(w) for c, w in zip(r, widths))
   return '\n'.join([fmt(header), fmt(['-' * w for w in widths])] + [fmt(r) for r in rows])
+
+
+# ----------------------------------------------------------------------------- run reports
+def summarize_runs(results: List[Dict]) -> Dict[str, Any]:
+  """mean/std over seeds of each model's val/test metrics."""
+  out = {}
+  for model in ('teacher', 'student'):
+    runs = [r[model] for r in results if model in r]
+    if runs:
+      out[model] = metrics_lib.summarize(runs)
+  return out
+
+
+def combine_seeds(runs: Dict[int, Dict]) -> Dict[str, Any]:
+  """metrics.json of the whole run: one seed as is; several seeds with their means and `runs`."""
+  results = list(runs.values())
+  if len(results) == 1:
+    return results[0]
+  out = {'seeds': [int(s) for s in runs], 'summary': summarize_runs(results),
+         'runs': {str(s): r for s, r in runs.items()}}
+  for model in ('teacher', 'student'):
+    if model in out['summary']:
+      s = out['summary'][model]
+      out[model] = {split: {k[:-5]: v for k, v in s[split].items() if k.endswith('_mean')}
+                    for split in ('val', 'test')}
+      out[model]['epoch'] = [r[model]['epoch'] for r in results]
+      if model == 'student':
+        out[model].update(magnification=results[0]['student']['magnification'],
+                          factor=results[0]['student']['factor'])
+  return out
+
+
+def results_markdown(out: Dict[str, Any]) -> Tuple[str, List[List[str]]]:
+  rows = []
+  runs = out.get('runs') or {str(out['seeds'][0]): out}
+  for seed, r in runs.items():
+    labelled = {f'{m} (seed {seed})': r[m] for m in ('teacher', 'student') if m in r}
+    rows += results_rows(labelled)
+  if len(runs) > 1:
+    mags = {'student': out['student']['magnification']} if 'student' in out else {}
+    rows += summary_rows(out['summary'], mags)
+  return markdown_table(rows), rows
+
+
+def write_results(out: Dict[str, Any], workdir: str):
+  """results.md and the console summary of metrics.json's `out` (call on process 0 only)."""
+  table, rows = results_markdown(out)
+  with open(os.path.join(workdir, 'results.md'), 'w') as f:
+    f.write('# Results\n\nMetrics of the checkpoint selected on validation '
+            'kappa (test reported at that epoch).\n\n' + table)
+  where = ('seed_*/: figures/gradcam.png, tensorboard/, checkpoints/, teacher/, student/'
+           if 'runs' in out else
+           'figures/gradcam.png, tensorboard/, checkpoints/, teacher/, student/')
+  print('\n' + text_table(rows) + f'\n\noutputs in {os.path.abspath(workdir)}: '
+        f'metrics.json, results.md, {where}\n', flush=True)
 
 
 # ----------------------------------------------------------------------------- Grad-CAM figure

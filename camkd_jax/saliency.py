@@ -2,7 +2,7 @@
 
     loss = sum_l  weight_l * mean_b distance( norm(map_s(l)), norm(map_t(l)) )_b
 
-* map(sal, layer, labels) -> (B, H, W, M) float32: a saliency map stack computed from one model's
+* map(sal, layer, labels) -> (B, H, W, M), at least float32: a saliency map stack from one model's
   `gradcam.Saliency` (logits, activations, all-class gradients) at one named layer.
 * norm(maps, temperature) -> maps of the same shape: per-sample normalisation.
 * distance(student, teacher) -> (B,): per-sample distance; the loss takes the batch mean.
@@ -10,7 +10,7 @@
 The parts are looked up by name in three plain dicts (MAPS, NORMS, DISTANCES), filled below with
 the built-ins and extended with `register_map`, `register_norm`, `register_distance`, so that
 `config.attention.map = 'my_map'` finds a user's function. `from_config(config.attention)` checks
-every name once, at start-up, and returns the `distill.SaliencySpec` the train step runs: the
+every name once, at start-up, and returns the `SaliencySpec` the train step runs: the
 layers whose gradients the step must compute, and a pure `loss_fn(student, teacher, labels)`.
 
 The reference AT+ is map='gradcam_plus' (all classes), norm='minmax', distance='rmse' at
@@ -18,12 +18,12 @@ The reference AT+ is map='gradcam_plus' (all classes), norm='minmax', distance='
 Everything is traced into the one compiled step: the only Python loop is over the configured
 layers (static); classes are handled by the vectorised all-class gradients of `gradcam`.
 """
+import dataclasses
 from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 
-from camkd_jax import distill
 from camkd_jax import gradcam
 from camkd_jax import losses
 from camkd_jax import ops
@@ -37,6 +37,14 @@ KL_EPS = 1e-6       # KL uses log(p + KL_EPS): finite when a position has zero m
 RESIZE_MODES = ('student_to_teacher', 'teacher_to_student')
 # Activations that are not spatial maps cannot carry a saliency map.
 _NON_SPATIAL = ('pooled', 'logits')
+
+
+@dataclasses.dataclass(frozen=True)
+class SaliencySpec:
+  """What the train step's AT term needs: the layers whose all-class gradients it computes, and
+  a pure `loss_fn(student: gradcam.Saliency, teacher: gradcam.Saliency, labels) -> scalar`."""
+  layers: Tuple[str, ...]
+  loss_fn: Callable[..., jax.Array]
 
 
 class MapDef(NamedTuple):
@@ -113,7 +121,7 @@ def gradcam_classic(sal, layer, labels):
 def activation_attention(sal, layer, labels):
   """Activation-based attention (Zagoruyko & Komodakis): mean_k A_k^2 -> (B, H, W, 1)."""
   del labels
-  a = sal.acts[layer].astype(jnp.float32)
+  a = ops.at_least_f32(sal.acts[layer])
   return jnp.mean(a * a, axis=-1, keepdims=True)
 
 
@@ -123,7 +131,7 @@ def input_gradient(sal, layer, labels):
   At layer 'input' (the only layer it is registered for) x is the image the model saw.
   """
   del labels
-  g = jnp.abs(sal.grads[layer].astype(jnp.float32))      # (C, B, H, W, K)
+  g = jnp.abs(ops.at_least_f32(sal.grads[layer]))       # (C, B, H, W, K)
   return jnp.transpose(jnp.max(g, axis=-1), (1, 2, 3, 0))
 
 
@@ -140,7 +148,7 @@ def target_class(map_fn):
 
 # ----------------------------------------------------------------------------- normalisations
 def _flat(x):
-  return x.astype(jnp.float32).reshape(x.shape[0], -1)
+  return ops.at_least_f32(x).reshape(x.shape[0], -1)
 
 
 def _l2_norm(flat):
@@ -168,9 +176,9 @@ def l2_norm(maps, temperature):
 
 
 def no_norm(maps, temperature):
-  """The maps unchanged (float32)."""
+  """The maps unchanged (at least float32)."""
   del temperature
-  return maps.astype(jnp.float32)
+  return ops.at_least_f32(maps)
 
 
 # ----------------------------------------------------------------------------- distances
@@ -324,8 +332,8 @@ def make_loss(map_name: str = 'gradcam_plus', norm: str = 'minmax', distance: st
   def loss_fn(student, teacher, labels):
     total = None
     for layer, weight in zip(layers, weights):
-      s = map_def.fn(student, layer, labels).astype(jnp.float32)
-      t = jax.lax.stop_gradient(map_def.fn(teacher, layer, labels)).astype(jnp.float32)
+      s = ops.at_least_f32(map_def.fn(student, layer, labels))
+      t = ops.at_least_f32(jax.lax.stop_gradient(map_def.fn(teacher, layer, labels)))
       _check_maps(map_name, layer, s, t)
       s, t = match_sizes(s, t, resize)
       d = dist_fn(norm_fn(s, temperature), norm_fn(t, temperature))
@@ -342,7 +350,7 @@ def make_loss(map_name: str = 'gradcam_plus', norm: str = 'minmax', distance: st
 def build(map_name: str = 'gradcam_plus', norm: str = 'minmax', distance: str = 'rmse',
           layers: Sequence[str] = ('block5',), layer_weights: Optional[Sequence[float]] = None,
           resize: str = 'student_to_teacher', temperature: float = 0.01):
-  """The `distill.SaliencySpec` for these parts (see `make_loss`).
+  """The `SaliencySpec` for these parts (see `make_loss`).
 
   The spec lists the layers whose gradients the step computes: all configured layers for maps
   that read gradients, none for activation-only maps (the step then runs a plain forward, whose
@@ -350,13 +358,17 @@ def build(map_name: str = 'gradcam_plus', norm: str = 'minmax', distance: str = 
   """
   loss_fn = make_loss(map_name, norm, distance, layers, layer_weights, resize, temperature)
   grad_layers = tuple(layers) if MAPS[map_name].needs_grads else ()
-  return distill.SaliencySpec(layers=grad_layers, loss_fn=loss_fn)
+  return SaliencySpec(layers=grad_layers, loss_fn=loss_fn)
 
 
 def from_config(attention_cfg):
-  """`distill.SaliencySpec` from `config.attention` (map, norm, distance, layers, layer_weights,
+  """`SaliencySpec` from `config.attention` (map, norm, distance, layers, layer_weights,
   resize, temperature); every name is checked here, at start-up."""
   return build(map_name=attention_cfg.map, norm=attention_cfg.norm, distance=attention_cfg.distance,
                layers=_parse_list(attention_cfg.layers, 'layers'),
                layer_weights=_parse_list(attention_cfg.layer_weights, 'layer_weights', float),
                resize=attention_cfg.resize, temperature=float(attention_cfg.temperature))
+
+
+# The reference AT+ (gradcam_plus, minmax, rmse at block5): the default of distill.StepConfig.
+DEFAULT = build()

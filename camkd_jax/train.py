@@ -1,11 +1,13 @@
 """The driver: teacher stage, student stage, evaluation, model selection, checkpoints, reports.
 
   run(config, workdir)
-    validate the config -> check / write workdir/config.json -> per seed: train_and_evaluate
-    -> metrics.json (+ mean/std over seeds), results.md, a one-screen summary
+    validate the config -> check / write workdir/config.json (camkd_jax.workdir) -> per seed:
+    train_and_evaluate -> metrics.json (+ mean and sample std over seeds), results.md, a
+    one-screen summary (camkd_jax.reporting)
   train_and_evaluate(config, workdir)
     data -> teacher (load workdir/teacher or config.teacher.checkpoint, else train it: CE at f=1)
-    -> student (distillation step at f = 10x / magnification) -> figures/gradcam.png
+    -> student (distillation step at f = base_magnification / magnification)
+    -> figures/gradcam.png
 
 Both stages run the same loop (`StageRunner`): the compiled step of camkd_jax.distill, evaluation
 of validation and test after every epoch, selection on the validation metric (the reference's
@@ -19,11 +21,9 @@ Every process runs this code (multi-host): orbax calls are collective, files are
 process 0 only, and evaluation gathers every process's predictions before computing metrics.
 """
 import dataclasses
-import json
 import os
-import shutil
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 from absl import logging
 import jax
@@ -37,21 +37,14 @@ from camkd_jax import metrics as metrics_lib
 from camkd_jax import models
 from camkd_jax import ops
 from camkd_jax import reporting
+from camkd_jax import saliency as saliency_lib
+from camkd_jax import sharding
+from camkd_jax import workdir as workdir_lib
 
 METHODS = ('teacher', 'ce', 'kd', 'fm', 'at', 'sr', 'attn_kd', 'custom')
 DATASETS = ('synthetic_histology', 'sicapv2', 'folder', 'table')
 SELECTION_METRICS = ('kappa', 'balanced_accuracy', 'accuracy')
-# Keys that do not change what a run computes: a workdir may be resumed with other values.
-RESUMABLE_KEYS = ('overwrite', 'distributed', 'log_every_steps', 'checkpoint_every_steps',
-                  'num_figure_images', 'data.data_dir', 'data.manual_dir')
-# Everything a run writes into its workdir (what config.overwrite clears).
-OUTPUTS = ('config.json', 'metrics.json', 'results.md', 'figures', 'tensorboard', 'checkpoints',
-           'teacher', 'student')
-BAD_TERM_NAMES = distill.TERMS + ('total', 'gradients')
 
-
-def is_main() -> bool:
-  return jax.process_index() == 0
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -129,90 +122,32 @@ def step_configs(config):
   """(teacher StepConfig, student StepConfig) with the on-device augmentation."""
   from camkd_jax import augment  # pylint: disable=g-import-not-at-top
   aug = augment.AugmentParams.from_config(config.augment)
-  teacher = distill.step_config_from_config(config, teacher_stage=True, augment=aug)
-  student = distill.step_config_from_config(config, augment=aug)
-  return teacher, student
+  teacher = distill.StepConfig(factor=1, weights=(('ce', 1.0),), augment=aug)
+  return teacher, student_step_config(config, augment=aug)
 
 
-def default_workdir(config_file: Optional[str], config) -> str:
-  """workdirs/<config name>[_m<magnification>][_<dataset>][_smoke], e.g. workdirs/attn_kd_m2.5."""
-  stem = os.path.splitext(os.path.basename((config_file or 'run').split(':')[0]))[0]
-  name = stem if config.method == 'teacher' else f'{stem}_m{config.magnification:g}'
-  if config.data.name != 'synthetic_histology':
-    name += f'_{config.data.name}'
-  if config.data.synthetic_size == 'smoke' and config.data.name == 'synthetic_histology':
-    name += '_smoke'
-  return os.path.join('workdirs', name)
-
-
-# ----------------------------------------------------------------------------- workdir
-def _flatten(d, prefix=''):
-  out = {}
-  for k, v in d.items():
-    key = f'{prefix}{k}'
-    out.update(_flatten(v, key + '.') if isinstance(v, dict) else {key: v})
-  return out
-
-
-def config_dict(config) -> Dict[str, Any]:
-  return json.loads(config.to_json_best_effort())
-
-
-def config_differences(old: Dict, new: Dict) -> List[str]:
-  """'key: old -> new' for every result-relevant key that differs."""
-  a, b = _flatten(old), _flatten(new)
-  keys = sorted((set(a) | set(b)) - set(RESUMABLE_KEYS))
-  return [f'{k}: {a.get(k, "<absent>")!r} -> {b.get(k, "<absent>")!r}'
-          for k in keys if a.get(k, '<absent>') != b.get(k, '<absent>')]
-
-
-def prepare_workdir(config, workdir: str):
-  """Refuses a workdir holding another config's run (unless config.overwrite), writes config.json."""
-  path = os.path.join(workdir, 'config.json')
-  new = config_dict(config)
-  old = None
-  if os.path.isfile(path):
-    with open(path) as f:
-      old = json.load(f)
-  # Every process decides on the same file: none may delete or rewrite it before all read it.
-  checkpoints.sync('camkd_jax_read_config')
-  if old is not None:
-    diff = config_differences(old, new)
-    if diff and not config.overwrite:
-      shown = '\n  '.join(diff[:12]) + ('\n  ...' if len(diff) > 12 else '')
-      raise ValueError(
-          f'{workdir} holds a run of a different config ({len(diff)} key(s) differ):\n  {shown}\n'
-          f'Use another --workdir, or pass --config.overwrite=True to delete that run and start '
-          f'afresh.')
-    if diff:
-      clear_workdir(config, workdir)
-  if is_main():
-    os.makedirs(workdir, exist_ok=True)
-  checkpoints.write_json(path, new)
-
-
-def clear_workdir(config, workdir: str):
-  """Deletes what an earlier run wrote (config.overwrite with a different config)."""
-  teacher = os.path.abspath(config.teacher.checkpoint) if config.teacher.checkpoint else ''
-  if teacher and teacher.startswith(os.path.abspath(workdir) + os.sep):
-    raise ValueError(f'config.teacher.checkpoint={config.teacher.checkpoint} lies inside '
-                     f'{workdir}, which config.overwrite would delete; copy the teacher elsewhere')
-  logging.warning('config.overwrite: deleting the earlier run in %s', workdir)
-  if is_main():
-    for name in os.listdir(workdir):
-      if name in OUTPUTS or name.startswith('seed_'):
-        p = os.path.join(workdir, name)
-        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
-  checkpoints.sync('camkd_jax_clear_workdir')
+def student_step_config(config, saliency=None, augment=None) -> distill.StepConfig:
+  """The student's StepConfig: f = base_magnification / magnification, the config.loss weights,
+  and the AT map x norm x distance of config.attention (unknown names fail here, at start-up)."""
+  weights = tuple((t, float(getattr(config.loss, t))) for t in distill.TERMS)
+  negative = [t for t, w in weights if w < 0]
+  if negative:
+    raise ValueError(f'loss weights must be >= 0; got negative config.loss.{negative[0]}')
+  return distill.StepConfig(
+      factor=ops.magnification_factor(config.magnification, config.base_magnification),
+      weights=weights, temperature=float(config.loss.temperature),
+      kd_form=config.loss.kd_form, fm_layer=config.loss.fm_layer,
+      saliency=saliency_lib.from_config(config.attention) if saliency is None else saliency,
+      augment=augment)
 
 
 # ----------------------------------------------------------------------------- entry points
 def run(config, workdir: str) -> Dict[str, Any]:
   """Validates `config`, runs every seed in `workdir` and writes metrics.json / results.md."""
-  mesh = distill.make_mesh()
+  mesh = sharding.make_mesh()
   validate_config(config, mesh.size)
   seeds = parse_seeds(config)
-  prepare_workdir(config, workdir)
+  workdir_lib.prepare_workdir(config, workdir)
   logging.info('workdir %s | method %s | %d device(s), %d process(es) | seeds %s', workdir,
                config.method, mesh.size, jax.process_count(), seeds)
   runs = {}
@@ -221,17 +156,19 @@ def run(config, workdir: str) -> Dict[str, Any]:
     cfg.seed = seed
     sub = os.path.join(workdir, f'seed_{seed}') if str(config.seeds).strip() else workdir
     if sub != workdir:
-      checkpoints.write_json(os.path.join(sub, 'config.json'), config_dict(cfg))
+      checkpoints.write_json(os.path.join(sub, 'config.json'), workdir_lib.config_dict(cfg))
     runs[seed] = train_and_evaluate(cfg, sub, mesh)
-  out = combine_seeds(runs)
-  write_reports(out, workdir)
+  out = reporting.combine_seeds(runs)
+  checkpoints.write_json(os.path.join(workdir, 'metrics.json'), out)
+  if distributed.is_main():
+    reporting.write_results(out, workdir)
   return out
 
 
 def train_and_evaluate(config, workdir: str, mesh=None) -> Dict[str, Any]:
   """One teacher + one student for config.seed; returns (and writes) the run's metrics."""
   from camkd_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  mesh = mesh or distill.make_mesh()
+  mesh = mesh or sharding.make_mesh()
   t0 = time.time()
   # Process 0 first: on a shared data_dir concurrent TFDS builds would race on the final rename.
   data = distributed.main_process_first(lambda: input_pipeline.get_data(
@@ -256,11 +193,11 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> Dict[str, Any]:
                            model_metadata(config, data, report, 'student'))
     result['student'] = report
     columns.append(('student', model, student_params, student_cfg.factor))
-  if is_main() and config.num_figure_images > 0:
+  if distributed.is_main() and config.num_figure_images > 0:
     save_figure(os.path.join(workdir, 'figures', 'gradcam.png'), columns, data,
-                config.num_figure_images)
+                config.num_figure_images, float(config.base_magnification))
   result['wall_time_s'] = time.time() - t0
-  result['summary'] = summarize_runs([result])
+  result['summary'] = reporting.summarize_runs([result])
   checkpoints.write_json(os.path.join(workdir, 'metrics.json'), result)
   return result
 
@@ -302,7 +239,7 @@ def check_teacher_metadata(meta, config, data, path):
 def abstract_params(model, image_size, mesh):
   """Shapes, dtypes and (replicated) shardings of the model's parameters, computing nothing."""
   shapes = jax.eval_shape(lambda: distill.init_params(model, jax.random.PRNGKey(0), image_size))
-  rep = distill.replicated(mesh)
+  rep = sharding.replicated(mesh)
   return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
                                 shapes)
 
@@ -334,13 +271,13 @@ def predict(eval_step, params, data, split, mesh) -> Tuple[np.ndarray, np.ndarra
   """(labels, predicted classes) of every example of `split`, gathered from all processes."""
   logits, labels, masks = [], [], []
   for batch in data.eval_batches(split):
-    g = distill.shard_batch(batch, mesh)
+    g = sharding.shard_batch(batch, mesh)
     logits.append(eval_step(params, g['image']))
     labels.append(g['label'])
     masks.append(g['mask'])
-  mask = np.concatenate([distill.to_host(m) for m in masks]).astype(bool)
-  preds = np.concatenate([np.argmax(distill.to_host(x), axis=-1) for x in logits])
-  labels = np.concatenate([distill.to_host(y) for y in labels])
+  mask = np.concatenate([sharding.to_host(m) for m in masks]).astype(bool)
+  preds = np.concatenate([np.argmax(sharding.to_host(x), axis=-1) for x in logits])
+  labels = np.concatenate([sharding.to_host(y) for y in labels])
   return labels[mask], preds[mask]
 
 
@@ -446,9 +383,17 @@ class StageRunner:
     self.ckpt = checkpoints.StageCheckpoints(os.path.join(stage.workdir, 'checkpoints',
                                                           stage.name))
     self.writer = reporting.make_writer(os.path.join(stage.workdir, 'tensorboard', stage.name),
-                                        is_main())
+                                        distributed.is_main())
     self.pending: List[Dict[str, Any]] = []
     self.window = metrics_lib.LossMeans()
+    self.train_step = distill.make_train_step(stage.step_config, stage.model, self.tx, mesh,
+                                              teacher=stage.teacher_model)
+    self.eval_step = distill.make_eval_step(stage.model, stage.step_config.factor, mesh)
+    self.state, self.best_params, self.progress = self.restore_or_init()
+    self.epoch_losses = metrics_lib.LossMeans.from_state(self.progress.get('epoch_losses'))
+    # Throughput / ETA clocks: since the start of run(), and since the last log line.
+    self.t_start = self.t_log = time.time()
+    self.steps_start = self.steps_log = _host_scalar(self.state['step'])
 
   # -- state
   def init_state(self):
@@ -456,9 +401,10 @@ class StageRunner:
     params = stage_init_params(self.stage, self.data.image_size)
     state = distill.create_train_state(params, self.tx,
                                        jax.random.PRNGKey(self.stage.train_seed))
-    return distill.replicate(state, self.mesh)
+    return sharding.replicate(state, self.mesh)
 
   def restore_or_init(self):
+    """(train state, best params, progress) of the latest checkpoint, or fresh ones."""
     state = self.init_state()
     best = jax.tree_util.tree_map(jnp.copy, state['params'])
     progress = {'history': [], 'best': None, 'epoch_losses': None}
@@ -466,17 +412,12 @@ class StageRunner:
     if step is not None:
       state, best, progress = self.ckpt.restore(step, state, best)
       logging.info('%s: resumed from %s/%d', self.stage.name, self.ckpt.directory, step)
-    self.state, self.best_params, self.progress = state, best, progress
-    self.epoch_losses = metrics_lib.LossMeans.from_state(progress.get('epoch_losses'))
+    return state, best, progress
 
   # -- loop
   def run(self) -> Tuple[Any, Dict[str, Any]]:
     """Trains to the end (or resumes); returns (best params, report of the best epoch)."""
-    self.restore_or_init()
     st = self.stage
-    self.train_step = distill.make_train_step(st.step_config, st.model, self.tx, self.mesh,
-                                              teacher=st.teacher_model)
-    self.eval_step = distill.make_eval_step(st.model, st.step_config.factor, self.mesh)
     step = _host_scalar(self.state['step'])
     logging.info('%s: steps %d..%d of %d (%d epoch(s) of %d), factor %d, terms %s', st.name,
                  step, self.total, self.total, self.num_epochs, self.spe, st.step_config.factor,
@@ -498,7 +439,7 @@ class StageRunner:
     batches = self.data.train_batches(epoch, start)
     for batch in batches:
       self.state, m = self.train_step(self.state, self.stage.teacher_params,
-                                      distill.shard_batch(batch, self.mesh))
+                                      sharding.shard_batch(batch, self.mesh))
       self.pending.append(m)
       step += 1
       if step % self.stage.config.log_every_steps == 0 or step == stop:
@@ -524,7 +465,7 @@ class StageRunner:
     bad = _host_scalar(self.state['bad_step'])
     if bad < 0:
       return
-    terms = distill.decode_bad_terms(_host_scalar(self.state['bad_terms']), BAD_TERM_NAMES)
+    terms = distill.decode_bad_terms(_host_scalar(self.state['bad_terms']))
     raise FloatingPointError(
         f'{self.stage.name}: non-finite value(s) in {", ".join(terms)} at step {bad} (epoch '
         f'{bad // self.spe + 1}, step {bad % self.spe} of the epoch); detected at step {step}. '
@@ -598,9 +539,12 @@ class StageRunner:
             'step': best['step'], 'train': best['train'], 'history': history}
 
 
+
+
 # ----------------------------------------------------------------------------- reports
-def save_figure(path, columns, data, num_images):
-  """Validation images with each model's input view and Grad-CAM map of the true class."""
+def save_figure(path, columns, data, num_images, base_magnification):
+  """Validation images with each model's input view and Grad-CAM map of the true class; a column
+  of factor f > 1 is titled with its magnification, base_magnification / f."""
   batch = next(iter(data.eval_batches('validation')))
   keep = np.flatnonzero(batch['mask'])[:num_images]
   images, labels = batch['image'][keep], batch['label'][keep]
@@ -609,62 +553,6 @@ def save_figure(path, columns, data, num_images):
     cam = distill.make_cam_step(model, factor)
     maps, probs = cam(host_tree(params), images, labels)
     view = ops.student_view(jnp.asarray(images, jnp.float32) / 255.0, factor)
-    cols.append({'title': f'{title} ({10.0 / factor:g}x)' if factor > 1 else title,
+    cols.append({'title': f'{title} ({base_magnification / factor:g}x)' if factor > 1 else title,
                  'view': np.asarray(view), 'maps': np.asarray(maps), 'probs': np.asarray(probs)})
   reporting.save_gradcam_figure(path, images, labels, data.class_names, cols)
-
-
-def summarize_runs(results: List[Dict]) -> Dict[str, Any]:
-  """mean/std over seeds of each model's val/test metrics."""
-  out = {}
-  for model in ('teacher', 'student'):
-    runs = [r[model] for r in results if model in r]
-    if runs:
-      out[model] = metrics_lib.summarize(runs)
-  return out
-
-
-def combine_seeds(runs: Dict[int, Dict]) -> Dict[str, Any]:
-  """metrics.json of the whole run: one seed as is; several seeds with their means and `runs`."""
-  results = list(runs.values())
-  if len(results) == 1:
-    return results[0]
-  out = {'seeds': [int(s) for s in runs], 'summary': summarize_runs(results),
-         'runs': {str(s): r for s, r in runs.items()}}
-  for model in ('teacher', 'student'):
-    if model in out['summary']:
-      s = out['summary'][model]
-      out[model] = {split: {k[:-5]: v for k, v in s[split].items() if k.endswith('_mean')}
-                    for split in ('val', 'test')}
-      out[model]['epoch'] = [r[model]['epoch'] for r in results]
-      if model == 'student':
-        out[model].update(magnification=results[0]['student']['magnification'],
-                          factor=results[0]['student']['factor'])
-  return out
-
-
-def results_markdown(out: Dict[str, Any]) -> Tuple[str, List[List[str]]]:
-  rows = []
-  runs = out.get('runs') or {str(out['seeds'][0]): out}
-  for seed, r in runs.items():
-    labelled = {f'{m} (seed {seed})': r[m] for m in ('teacher', 'student') if m in r}
-    rows += reporting.results_rows(labelled)
-  if len(runs) > 1:
-    mags = {'student': out['student']['magnification']} if 'student' in out else {}
-    rows += reporting.summary_rows(out['summary'], mags)
-  return reporting.markdown_table(rows), rows
-
-
-def write_reports(out: Dict[str, Any], workdir: str):
-  """metrics.json, results.md and the console summary."""
-  checkpoints.write_json(os.path.join(workdir, 'metrics.json'), out)
-  table, rows = results_markdown(out)
-  if is_main():
-    with open(os.path.join(workdir, 'results.md'), 'w') as f:
-      f.write('# Results\n\nMetrics of the checkpoint selected on validation '
-              'kappa (test reported at that epoch).\n\n' + table)
-    where = ('seed_*/: figures/gradcam.png, tensorboard/, checkpoints/, teacher/, student/'
-             if 'runs' in out else
-             'figures/gradcam.png, tensorboard/, checkpoints/, teacher/, student/')
-    print('\n' + reporting.text_table(rows) + f'\n\noutputs in {os.path.abspath(workdir)}: '
-          f'metrics.json, results.md, {where}\n', flush=True)

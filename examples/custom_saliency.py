@@ -22,6 +22,7 @@ import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import distill  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import gradcam  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import saliency  # pylint: disable=g-import-not-at-top,wrong-import-position
+from camkd_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax.models import get_model  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -51,7 +52,7 @@ saliency.register_distance('huber', huber)
 
 def at_term(config, student, teacher, t_params, images, labels):
   """The AT term as a function of the student's parameters, as the train step computes it."""
-  cfg = distill.step_config_from_config(config)           # checks the names at start-up
+  cfg = train.student_step_config(config)                 # checks the names at start-up
   return lambda params: distill.compute_losses(
       cfg, student, params, teacher, t_params, images, labels)[1]['at']
 

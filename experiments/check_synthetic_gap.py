@@ -144,7 +144,6 @@ def main():
   config = base_config.base_config('smoke=1' if args.size == 'smoke' else '')
   config.data.synthetic_size = args.size
   config.data.data_dir = args.data_dir
-  config.magnification = config.base_magnification  # the data loader's factor check: f = 1
   config.seed = args.seed
   t0 = time.time()
   data = input_pipeline.get_data(config, process_index=0, process_count=1)

@@ -36,6 +36,9 @@ if REPO not in sys.path:
 
 import numpy as np  # pylint: disable=wrong-import-position
 
+from camkd_jax import metrics as metrics_lib  # pylint: disable=wrong-import-position
+from camkd_jax import reporting  # pylint: disable=wrong-import-position
+
 # method -> (config module, loss overrides). 'at' is AT+ alone, 'fm_at' the paper's FM + AT+.
 METHODS = {
     'ce': ('ce_student', {}),
@@ -175,11 +178,12 @@ def print_estimate(args):
   print(f'{args.dataset}: splits {sizes}, batch {student.batch_size}, teacher '
         f'{teacher.teacher.num_epochs} epochs, students {student.num_epochs} epochs; images/s '
         f'distill/teacher/eval = {"/".join(f"{r:g}" for r in rates)}')
-  print(f'  teacher: {fmt_eta(est["teacher"])} each, {len(seeds)} seed(s)')
+  print(f'  teacher: {reporting.format_duration(est["teacher"])} each, {len(seeds)} seed(s)')
   for m, sec in est['students'].items():
-    print(f'  {METHOD_LABELS[m]} student: {fmt_eta(sec)} each, x {len(mags)} magnification(s) '
+    print(f'  {METHOD_LABELS[m]} student: {reporting.format_duration(sec)} each, '
+          f'x {len(mags)} magnification(s) '
           f'x {len(seeds)} seed(s)')
-  print(f'  total: {fmt_eta(est["total"])} of steps and evaluation '
+  print(f'  total: {reporting.format_duration(est["total"])} of steps and evaluation '
         f'({est["total"] / 3600:.1f} h; start-up and compilation not included)')
   return est
 
@@ -249,12 +253,6 @@ def run_cell(config, workdir):
   return train.run(config, workdir)
 
 
-def fmt_eta(seconds):
-  seconds = int(max(0, seconds))
-  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m' if seconds >= 3600 else \
-      f'{seconds // 60}m{seconds % 60:02d}s'
-
-
 def sweep(args):
   """Runs every missing cell; returns {('teacher', seed) | (method, mag, seed): metrics}."""
   mags, methods, seeds = cells(args)
@@ -281,7 +279,7 @@ def sweep(args):
       remaining = pending - done_here
       eta = elapsed / done_here * remaining if done_here else float('nan')
       print(f'[{tag} {i + 1}/{len(todo)}] {method} m={mag} seed={seed} -> {wd} '
-            f'(ETA {fmt_eta(eta) if done_here else "?"})', flush=True)
+            f'(ETA {reporting.format_duration(eta)})', flush=True)
       if method == 'teacher':
         config = teacher_config(args, seed)
       else:
@@ -345,9 +343,10 @@ def run_workers(args, argv):
                      'Rerun the same command to resume them.')
 
 
-def _mean_std(values):
-  v = np.asarray(values, np.float64)
-  return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+def _mean_std_n(values):
+  """(mean, sample std, n) of per-seed values."""
+  ms = metrics_lib.mean_std(values)
+  return ms['mean'], ms['std'], len(values)
 
 
 def aggregate(results):
@@ -358,53 +357,45 @@ def aggregate(results):
     groups.setdefault((method, mag), []).append(out[key])
   table = {}
   for group, reports in groups.items():
-    table[group] = {split: {m: _mean_std([r[split][m] for r in reports]) + (len(reports),)
-                            for m in METRICS} for split in SPLITS}
+    table[group] = {split: {m: _mean_std_n([r[split][m] for r in reports]) for m in METRICS}
+                    for split in SPLITS}
   return table
 
 
 def markdown(table, args, wall, mags, methods):
-  pm = lambda x: f'{x[0]:.3f} ± {x[1]:.3f}'
-  head = ('| method | magnification | val bal. acc. | val kappa | test bal. acc. | test kappa | n |\n'
-          '|---|---|---|---|---|---|---|\n')
+  pm = lambda x: reporting.mean_std_cell(x[0], x[1], 3)
+  cells = lambda r: [pm(r[split][m]) for split in SPLITS for m in METRICS] + [
+      str(r['val']['kappa'][2])]
   rows = []
-  t = table.get(('teacher', None))
-  if t is not None:
-    rows.append(f'| teacher | 10x | {pm(t["val"]["balanced_accuracy"])} | {pm(t["val"]["kappa"])} '
-              f'| {pm(t["test"]["balanced_accuracy"])} | {pm(t["test"]["kappa"])} '
-              f'| {t["val"]["kappa"][2]} |')
-  for mag in mags:
-    for method in methods:
-      r = table.get((method, mag))
-      if r is None:
-        continue
-      rows.append(f'| {METHOD_LABELS[method]} | {mag:g}x | {pm(r["val"]["balanced_accuracy"])} '
-                  f'| {pm(r["val"]["kappa"])} | {pm(r["test"]["balanced_accuracy"])} '
-                  f'| {pm(r["test"]["kappa"])} | {r["val"]["kappa"][2]} |')
+  if ('teacher', None) in table:
+    rows.append(['teacher', '10x'] + cells(table[('teacher', None)]))
+  rows += [[METHOD_LABELS[method], f'{mag:g}x'] + cells(table[(method, mag)])
+           for mag in mags for method in methods if (method, mag) in table]
+  header = ['method', 'magnification', 'val bal. acc.', 'val kappa', 'test bal. acc.',
+            'test kappa', 'n']
   cmd = 'python experiments/reproduce.py ' + ' '.join(sys.argv[1:])
   return (f'# Study results ({args.dataset})\n\n'
           f'Produced by `{cmd.strip()}` (mean ± sample std over seeds {args.seeds}; '
           f'the metrics of the checkpoint selected on validation kappa). Sweep wall time in this '
           f'invocation: {wall / 60:.1f} min (cells already finished are not recounted).\n\n'
-          + head + '\n'.join(rows) + '\n')
+          + reporting.markdown_table(rows, header))
 
 
 def per_seed_markdown(results, mags, methods, seeds):
   """Test kappa (val kappa) of every cell, one column per seed: the spread behind each mean."""
-  head = ('| method | magnification | ' + ' | '.join(f'seed {s}' for s in seeds) + ' |\n'
-          '|---|---|' + '---|' * len(seeds) + '\n')
   def cell(out):
     return '-' if out is None else f'{out["test"]["kappa"]:.3f} ({out["val"]["kappa"]:.3f})'
-  rows = ['| teacher | 10x | ' + ' | '.join(
-      cell((results.get(('teacher', None, s)) or {}).get('teacher')) for s in seeds) + ' |']
+  rows = [['teacher', '10x'] + [cell((results.get(('teacher', None, s)) or {}).get('teacher'))
+                                for s in seeds]]
   for mag in mags:
     for method in methods:
       if not any((method, mag, s) in results for s in seeds):
         continue
-      rows.append(f'| {METHOD_LABELS[method]} | {mag:g}x | ' + ' | '.join(
-          cell((results.get((method, mag, s)) or {}).get('student')) for s in seeds) + ' |')
+      rows.append([METHOD_LABELS[method], f'{mag:g}x'] + [
+          cell((results.get((method, mag, s)) or {}).get('student')) for s in seeds])
+  header = ['method', 'magnification'] + [f'seed {s}' for s in seeds]
   return ('\nPer seed, test kappa (validation kappa in brackets) of the selected checkpoint:\n\n'
-          + head + '\n'.join(rows) + '\n')
+          + reporting.markdown_table(rows, header))
 
 
 def plot(table, mags, methods, path):

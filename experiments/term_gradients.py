@@ -123,9 +123,9 @@ def summarise(per_batch, weights):
 def main(argv=None):
   args = parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
-  from camkd_jax import checkpoints, distill, input_pipeline, models, train  # pylint: disable=g-import-not-at-top
+  from camkd_jax import checkpoints, distill, input_pipeline, models, sharding, train  # pylint: disable=g-import-not-at-top
   config = cell_config(args)
-  mesh = distill.make_mesh()
+  mesh = sharding.make_mesh()
   data = input_pipeline.get_data(config)
   model = models.from_config(config.model, data.num_classes)
   _, step_cfg = train.step_configs(config)

@@ -115,31 +115,6 @@ def test_time_budget_skips_and_lists_configurations(tmp_path):
   assert json.loads(path.read_text())['skipped'] == out['skipped']
 
 
-def test_reshape_maxpool_matches_flax_without_ties():
-  """The A/B pooling gives the same values and, on tie-free inputs, the same gradients."""
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 4, 3))
-  g = jax.random.normal(jax.random.PRNGKey(1), (2, 3, 2, 3))
-  pool = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2))
-  ref_val, ref_vjp = jax.vjp(pool, x)
-  original = nn.max_pool
-  with benchmark.maxpool_impl('reshape'):
-    assert nn.max_pool is not original  # patched while active
-    val, vjp = jax.vjp(pool, x)
-  np.testing.assert_array_equal(val, ref_val)
-  np.testing.assert_array_equal(vjp(g)[0], ref_vjp(g)[0])
-  # Independent reference: the gradient lands on each window's argmax.
-  xn, gn = np.asarray(x), np.asarray(g)
-  want = np.zeros_like(xn)
-  for b, i, j, c in np.ndindex(gn.shape):
-    win = xn[b, 2 * i:2 * i + 2, 2 * j:2 * j + 2, c]
-    di, dj = np.unravel_index(np.argmax(win), win.shape)
-    want[b, 2 * i + di, 2 * j + dj, c] = gn[b, i, j, c]
-  np.testing.assert_array_equal(vjp(g)[0], want)
-  assert nn.max_pool is original  # restored
-
-
 @pytest.mark.slow
 def test_tiny_run_reports_sensible_numbers(tmp_path, capsys):
   path = tmp_path / 'bench.json'

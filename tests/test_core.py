@@ -222,3 +222,12 @@ def test_max_pool_2x2_equals_flax_max_pool_and_numpy():
   want = np.array([[[x[b, 2 * i:2 * i + 2, 2 * j:2 * j + 2, c].max() for c in range(3)]
                     for j in range(3)] for i in range(4) for b in [0]]).reshape(4, 3, 3)
   np.testing.assert_array_equal(got[0], want)
+  # The gradient lands on each window's argmax (no ties in random data), as flax's does.
+  g = np.random.RandomState(6).randn(2, 4, 3, 3).astype(np.float32)
+  grad = np.asarray(jax.vjp(vgg.max_pool_2x2, jnp.asarray(x))[1](jnp.asarray(g))[0])
+  want_grad = np.zeros_like(x)
+  for b, i, j, c in np.ndindex(g.shape):
+    win = x[b, 2 * i:2 * i + 2, 2 * j:2 * j + 2, c]
+    di, dj = np.unravel_index(np.argmax(win), win.shape)
+    want_grad[b, 2 * i + di, 2 * j + dj, c] = g[b, i, j, c]
+  np.testing.assert_array_equal(grad, want_grad)

@@ -218,14 +218,6 @@ def test_corrupt_file_is_named(folder_data):
 # ---------------------------------------------------------------- config errors
 
 
-def test_factor_errors(folder_data):
-  with pytest.raises(ValueError, match='image_size=12 is not divisible .* factor 8'):
-    ip.get_data(_data(folder_data, image_size=12, magnification=1.25), process_index=0,
-                process_count=1)
-  with pytest.raises(ValueError, match='not a power of two'):
-    ip.get_data(_data(folder_data, magnification=3.0), process_index=0, process_count=1)
-
-
 def test_class_without_training_examples_is_named(tmp_path):
   for split, classes in (('train', 'ab'), ('validation', 'abz'), ('test', 'ab')):
     for c in classes:

@@ -93,9 +93,11 @@ def test_selection_rule():
   assert metrics.improved(0.2, float('nan'), 0.01)
 
 
-def test_mean_std_population():
+def test_mean_std_sample():
   ms = metrics.mean_std([1.0, 2.0, 3.0])
-  assert ms['mean'] == pytest.approx(2.0) and ms['std'] == pytest.approx(math.sqrt(2 / 3))
+  # sum of squared deviations 2, divided by n - 1 = 2
+  assert ms['mean'] == pytest.approx(2.0) and ms['std'] == pytest.approx(1.0)
+  assert metrics.mean_std([0.25]) == {'mean': 0.25, 'std': 0.0}
 
 
 def test_summarize_over_runs():
@@ -103,7 +105,7 @@ def test_summarize_over_runs():
           {'val': {'kappa': 0.7, 'balanced_accuracy': 0.8}, 'test': {'kappa': 0.2}}]
   s = metrics.summarize(runs)
   assert s['val']['kappa_mean'] == pytest.approx(0.6)
-  assert s['val']['kappa_std'] == pytest.approx(0.1)
+  assert s['val']['kappa_std'] == pytest.approx(math.sqrt(0.02))  # (0.1^2 + 0.1^2) / (2 - 1)
   assert s['test']['kappa_mean'] == pytest.approx(0.3)
   assert 'balanced_accuracy_mean' not in s['test']
 

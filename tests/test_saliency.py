@@ -16,6 +16,7 @@ from camkd_jax import distill
 from camkd_jax import gradcam
 from camkd_jax import losses
 from camkd_jax import saliency
+from camkd_jax import train
 from camkd_jax.models import get_model
 from configs import base
 import reference_np as ref
@@ -320,7 +321,7 @@ def _attn_config(**attention):
 
 def test_default_combination_equals_core_at_plus(tiny):
   """map gradcam_plus (all classes), minmax, rmse at block5 == losses.at_plus_loss on cam_plus."""
-  spec = distill.step_config_from_config(_attn_config()).saliency
+  spec = train.student_step_config(_attn_config()).saliency
   assert spec.layers == ('block5',)
   s, t, labels = tiny['s'], tiny['t'], jnp.asarray(tiny['labels'])
   got = spec.loss_fn(s, t, labels)
@@ -364,7 +365,7 @@ def test_resize_direction(resize):
 
 def test_activation_map_runs_without_grads_in_the_step(tiny):
   """map=activation asks the step for no gradients (plain forward) and gives the closed form."""
-  cfg = distill.step_config_from_config(_attn_config(map='activation', norm='l2', distance='mse'))
+  cfg = train.student_step_config(_attn_config(map='activation', norm='l2', distance='mse'))
   assert cfg.saliency.layers == ()
   model, p = tiny['model'], tiny['params']
   x = jnp.asarray(tiny['x'])
@@ -426,7 +427,7 @@ def test_register_and_select_by_name(clean_registry, tiny):
 ])
 def test_bad_config_fails_at_start_up(field, value, message):
   with pytest.raises(ValueError, match=message):
-    distill.step_config_from_config(_attn_config(**{field: value}))
+    train.student_step_config(_attn_config(**{field: value}))
 
 
 def test_user_map_and_distance_that_break_the_contract_are_named(tiny):
@@ -464,11 +465,11 @@ def test_command_line_overrides_select_the_parts():
   assert (att.map, att.norm, att.distance, att.temperature, att.layers, att.layer_weights,
           att.resize) == ('gradcam_plus_target', 'softmax', 'kl', 0.5, 'block4,block5',
                           '0.5,1.0', 'teacher_to_student')
-  assert distill.step_config_from_config(config).saliency.layers == ('block4', 'block5')
+  assert train.student_step_config(config).saliency.layers == ('block4', 'block5')
   config = parse('--config.attention.map=input_grad', '--config.attention.layers=input')
-  assert distill.step_config_from_config(config).saliency.layers == ('input',)
+  assert train.student_step_config(config).saliency.layers == ('input',)
   config = parse('--config.attention.map=activation')
-  assert distill.step_config_from_config(config).saliency.layers == ()
+  assert train.student_step_config(config).saliency.layers == ()
 
 
 # ----------------------------------------------------------------------------- README example

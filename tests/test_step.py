@@ -8,6 +8,8 @@ import optax
 import pytest
 
 from camkd_jax import distill
+from camkd_jax import saliency
+from camkd_jax import sharding
 from camkd_jax import weights
 from camkd_jax.models import get_model
 
@@ -30,13 +32,13 @@ def setup():
 
 def test_distill_step_lowers_loss_and_keeps_teacher(setup):
   model, tparams, sparams = setup
-  mesh = distill.make_mesh()
+  mesh = sharding.make_mesh()
   tx = optax.adam(3e-3)
   cfg = distill.StepConfig(factor=4, weights=ALL_TERMS)
   step = distill.make_train_step(cfg, model, tx, mesh, teacher=model)
   teacher_before = jax.tree_util.tree_map(np.array, tparams)
   state = distill.create_train_state(sparams, tx, jax.random.PRNGKey(2))
-  batch = distill.shard_batch(_batch(), mesh)
+  batch = sharding.shard_batch(_batch(), mesh)
   totals = []
   for _ in range(8):
     state, metrics = step(state, tparams, batch)
@@ -51,9 +53,9 @@ def test_distill_step_lowers_loss_and_keeps_teacher(setup):
 
 def test_zero_weight_removes_term_from_program(setup):
   model, tparams, sparams = setup
-  mesh = distill.make_mesh()
+  mesh = sharding.make_mesh()
   tx = optax.adam(1e-3)
-  batch = distill.shard_batch(_batch(4), mesh)
+  batch = sharding.shard_batch(_batch(4), mesh)
   cfg = distill.StepConfig(factor=2, weights=(('ce', 1.0), ('kd', 0.0), ('fm', 0.5), ('at', 0.0)))
   step = distill.make_train_step(cfg, model, tx, mesh, teacher=model, donate=False)
   state = distill.create_train_state(sparams, tx, jax.random.PRNGKey(2))
@@ -63,7 +65,7 @@ def test_zero_weight_removes_term_from_program(setup):
   # block5's convs (and its second-order backward) adds convolutions to the compiled program.
   hlo_off = step.lower(state, tparams, batch).compile().as_text()
   cfg_on = distill.StepConfig(factor=2, weights=(('ce', 1.0), ('fm', 0.5), ('at', 1.0)),
-                              saliency=distill.SaliencySpec.at_plus('block4'))
+                              saliency=saliency.build(layers=('block4',)))
   step_on = distill.make_train_step(cfg_on, model, tx, mesh, teacher=model, donate=False)
   hlo_on = step_on.lower(state, tparams, batch).compile().as_text()
   n_off, n_on = hlo_off.count(' convolution('), hlo_on.count(' convolution(')
@@ -72,12 +74,12 @@ def test_zero_weight_removes_term_from_program(setup):
 
 def test_teacher_stage_needs_no_teacher(setup):
   model, _, sparams = setup
-  mesh = distill.make_mesh()
+  mesh = sharding.make_mesh()
   tx = optax.adam(1e-3)
   cfg = distill.StepConfig(factor=1)
   step = distill.make_train_step(cfg, model, tx, mesh)
   state = distill.create_train_state(sparams, tx, jax.random.PRNGKey(2))
-  state, metrics = step(state, None, distill.shard_batch(_batch(4), mesh))
+  state, metrics = step(state, None, sharding.shard_batch(_batch(4), mesh))
   assert set(metrics) == {'loss/ce', 'loss/total', 'grad_norm'}
   with pytest.raises(ValueError, match='need a teacher'):
     distill.make_train_step(distill.StepConfig(weights=ALL_TERMS), model, tx, mesh)
@@ -85,14 +87,14 @@ def test_teacher_stage_needs_no_teacher(setup):
 
 def test_nonfinite_term_freezes_state_and_names_term(setup):
   model, tparams, sparams = setup
-  mesh = distill.make_mesh()
+  mesh = sharding.make_mesh()
   tx = optax.adam(1e-3)
   bad_teacher = jax.tree_util.tree_map(lambda a: a * np.nan, tparams)
   cfg = distill.StepConfig(factor=2, weights=(('ce', 1.0), ('kd', 1.0)))
   step = distill.make_train_step(cfg, model, tx, mesh, teacher=model)
   state = distill.create_train_state(sparams, tx, jax.random.PRNGKey(2))
   before = jax.tree_util.tree_map(np.array, state['params'])
-  batch = distill.shard_batch(_batch(4), mesh)
+  batch = sharding.shard_batch(_batch(4), mesh)
   for _ in range(2):
     state, _ = step(state, bad_teacher, batch)
   assert int(state['bad_step']) == 0
@@ -103,13 +105,13 @@ def test_nonfinite_term_freezes_state_and_names_term(setup):
 
 
 def test_batch_not_divisible_by_devices_is_named():
-  mesh = distill.make_mesh()
+  mesh = sharding.make_mesh()
 
   class FakeMesh:
     shape = {'data': 4}
-  distill.check_batch_size(8, mesh)
+  sharding.check_batch_size(8, mesh)
   with pytest.raises(ValueError, match='batch_size=6 is not divisible by the number of devices'):
-    distill.check_batch_size(6, FakeMesh())
+    sharding.check_batch_size(6, FakeMesh())
 
 
 SECOND_ORDER = r'''
@@ -144,7 +146,7 @@ def test_at_plus_second_order_gradient_check(python_runner):
 
 SHARDED = r'''
 import json, jax, numpy as np, optax
-from camkd_jax import distill, augment
+from camkd_jax import distill, augment, sharding
 from camkd_jax.models import get_model
 assert jax.device_count() == 4, jax.devices()
 model = get_model('vgg16', 4, width=0.0625)
@@ -157,13 +159,13 @@ cfg = distill.StepConfig(factor=4, weights=(('ce', 1.), ('kd', 1.), ('fm', .1), 
                                             ('sr', 1.)), augment=AUG)
 out = {}
 for name, devs in (('one', jax.devices()[:1]), ('four', jax.devices())):
-  mesh = distill.make_mesh(devs)
+  mesh = sharding.make_mesh(devs)
   tx = optax.adam(1e-3)
   step = distill.make_train_step(cfg, model, tx, mesh, teacher=model)
   state = distill.create_train_state(sp, tx, jax.random.PRNGKey(2))
-  tpr = distill.replicate(tp, mesh)
+  tpr = sharding.replicate(tp, mesh)
   for _ in range(2):
-    state, m = step(state, tpr, distill.shard_batch(batch, mesh))
+    state, m = step(state, tpr, sharding.shard_batch(batch, mesh))
   out[name] = (jax.tree_util.tree_map(np.asarray, state['params']),
                {k: float(v) for k, v in m.items()})
 pa, ma = out['one']; pb, mb = out['four']
@@ -175,12 +177,7 @@ print('OK', json.dumps(ma))
 
 
 def test_sharded_equals_unsharded(python_runner):
-  try:
-    from camkd_jax import augment  # pylint: disable=unused-import,g-import-not-at-top
-    aug = 'augment.AugmentParams()'
-  except ImportError:
-    aug = 'None'
-  out = python_runner(SHARDED.replace('AUG', aug),
+  out = python_runner(SHARDED.replace('AUG', 'augment.AugmentParams()'),
                       {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
   assert out.startswith('OK'), out
 

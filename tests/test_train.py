@@ -17,7 +17,9 @@ import pytest
 from configs import attn_kd
 from configs import base
 from camkd_jax import checkpoints
+from camkd_jax import reporting
 from camkd_jax import train
+from camkd_jax import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = 'configs/attn_kd.py:smoke=1'
@@ -95,28 +97,28 @@ def test_validate_config_accepts_the_shipped_configs():
 def test_parse_seeds_and_default_workdir():
   assert train.parse_seeds(attn_kd.get_config('seeds=22,32,43')) == [22, 32, 43]
   assert train.parse_seeds(attn_kd.get_config()) == [22]
-  assert train.default_workdir('configs/attn_kd.py', attn_kd.get_config()) == os.path.join(
+  assert workdir_lib.default_workdir('configs/attn_kd.py', attn_kd.get_config()) == os.path.join(
       'workdirs', 'attn_kd_m2.5')
-  assert train.default_workdir('configs/kd.py:magnification=1.25',
+  assert workdir_lib.default_workdir('configs/kd.py:magnification=1.25',
                                attn_kd.get_config('magnification=1.25,dataset=sicapv2')) == \
       os.path.join('workdirs', 'kd_m1.25_sicapv2')
   teacher = __import__('configs.teacher', fromlist=['get_config']).get_config()
-  assert train.default_workdir('configs/teacher.py', teacher) == os.path.join('workdirs',
+  assert workdir_lib.default_workdir('configs/teacher.py', teacher) == os.path.join('workdirs',
                                                                               'teacher')
 
 
 def test_workdir_of_a_different_config_is_refused(tmp_path):
   workdir = str(tmp_path / 'run')
-  train.prepare_workdir(smoke_config(), workdir)
+  workdir_lib.prepare_workdir(smoke_config(), workdir)
   keep = tmp_path / 'run' / 'checkpoints' / 'student'
   keep.mkdir(parents=True)
   # Same results-relevant config (only logging / checkpoint cadence changed): accepted.
-  train.prepare_workdir(smoke_config(log_every_steps=1, checkpoint_every_steps=2), workdir)
+  workdir_lib.prepare_workdir(smoke_config(log_every_steps=1, checkpoint_every_steps=2), workdir)
   with pytest.raises(ValueError, match=r"(?s)different config.*loss.at: 10.0 -> 5.0.*"
                                        r"--config.overwrite=True"):
-    train.prepare_workdir(smoke_config(**{'loss.at': 5.0}), workdir)
+    workdir_lib.prepare_workdir(smoke_config(**{'loss.at': 5.0}), workdir)
   assert keep.is_dir(), 'a refused run must not delete anything'
-  train.prepare_workdir(smoke_config(**{'loss.at': 5.0, 'overwrite': True}), workdir)
+  workdir_lib.prepare_workdir(smoke_config(**{'loss.at': 5.0, 'overwrite': True}), workdir)
   assert not keep.exists()
   assert load_json(os.path.join(workdir, 'config.json'))['loss']['at'] == 5.0
 
@@ -146,23 +148,23 @@ def test_combine_seeds_mean_and_std():
             'student': {'val': {'kappa': sk, 'balanced_accuracy': 0.4},
                         'test': {'kappa': sk / 2, 'balanced_accuracy': 0.4}, 'epoch': 2,
                         'magnification': 2.5, 'factor': 4}}
-  out = train.combine_seeds({22: run(22, 0.6, 0.2), 32: run(32, 0.8, 0.4), 43: run(43, 0.7, 0.9)})
+  out = reporting.combine_seeds({22: run(22, 0.6, 0.2), 32: run(32, 0.8, 0.4), 43: run(43, 0.7, 0.9)})
   assert out['seeds'] == [22, 32, 43]
   s = out['summary']['student']['test']
   want = np.asarray([0.1, 0.2, 0.45])
   assert s['kappa_mean'] == pytest.approx(want.mean()) and s['kappa_std'] == pytest.approx(
-      want.std())
+      want.std(ddof=1))
   assert out['student']['test']['kappa'] == pytest.approx(want.mean())
   assert out['teacher']['epoch'] == [1, 1, 1] and out['student']['magnification'] == 2.5
-  table, rows = train.results_markdown(out)
-  assert len(rows) == 8 and 'student (mean ± std)' in table
+  table, rows = reporting.results_markdown(out)
+  assert len(rows) == 8 and 'student (mean ± sample std)' in table
 
 
 def test_missing_dataset_error_propagates_and_keeps_files(tmp_path):
   workdir = tmp_path / 'run'
   config = attn_kd.get_config(f'dataset=sicapv2,data_dir={tmp_path}/nowhere')
   config.data.synthetic_size = 'smoke'
-  train.prepare_workdir(config, str(workdir))
+  workdir_lib.prepare_workdir(config, str(workdir))
   marker = workdir / 'checkpoints' / 'teacher' / 'keep'
   marker.parent.mkdir(parents=True)
   marker.write_text('x')
@@ -260,10 +262,10 @@ input_pipeline.Data.train_batches = _train_batches
 def _params(path):
   """Exported parameters (saved from 2 devices) restored on this process's single device."""
   import jax  # pylint: disable=g-import-not-at-top
-  from camkd_jax import distill, models  # pylint: disable=g-import-not-at-top
+  from camkd_jax import models, sharding  # pylint: disable=g-import-not-at-top
   config = smoke_config()
   template = train.abstract_params(models.from_config(config.model, 4), config.image_size,
-                                   distill.make_mesh())
+                                   sharding.make_mesh())
   tree, _ = checkpoints.load_model(path, template)
   return {jax.tree_util.keystr(k): np.asarray(v)
           for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -320,7 +322,7 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path, cache_env):
   ckpt = checkpoints.StageCheckpoints(str(workdir / 'checkpoints' / 'teacher'))
   assert ckpt.latest_step() == 1
   import jax  # pylint: disable=g-import-not-at-top
-  from camkd_jax import distill, models  # pylint: disable=g-import-not-at-top
+  from camkd_jax import models, sharding  # pylint: disable=g-import-not-at-top
   config = base.base_config('smoke=1')
   model = models.from_config(config.model, 4)
   params = train.init_params(model, 0, config.image_size)

@@ -37,11 +37,6 @@ class Examples:
     return Examples(self.items[start:stop], self.labels[start:stop], self.names[start:stop],
                     self.from_files)
 
-  def take(self, keep):
-    """The examples at the integer positions `keep`."""
-    return Examples([self.items[i] for i in keep], self.labels[keep],
-                    [self.names[i] for i in keep], self.from_files)
-
   def as_tensor(self):
     """The encoded images as one tf.string tensor (cached; in-memory examples only)."""
     if getattr(self, '_tensor', None) is None:
@@ -89,10 +84,6 @@ class ListSource(Source):
 
 
 # ---------------------------------------------------------------- image checks
-
-
-def is_tiff(data: bytes) -> bool:
-  return data[:4] in (b'II*\x00', b'MM\x00*')
 
 
 def decode_with_pil(data: bytes) -> np.ndarray:
