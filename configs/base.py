@@ -111,6 +111,7 @@ def base_config(arg=None):
   c.model.input_mean = tuple(d.get('input_mean', ()))
   c.model.input_std = tuple(d.get('input_std', ()))                    # torchvision-layout .npz/.safetensors
   c.student = ml_collections.ConfigDict()
+  c.student.view = 'upsampled'                 # upsampled (reference) | native (S / f input)
   c.student.init = ''                          # '' = as model.init_weights | imagenet | random
   #                                              | teacher (a copy of the trained teacher)
   c.teacher = ml_collections.ConfigDict()
