@@ -142,3 +142,65 @@ def test_unknown_view_is_refused():
   c.student.view = 'full'
   with pytest.raises(ValueError, match=r"unknown config.student.view 'full'"):
     train.validate_config(c, 1)
+
+
+SHARDED_NATIVE = r'''
+import jax, numpy as np, optax
+from camkd_jax import distill
+from camkd_jax.models import get_model
+assert jax.device_count() == 4, jax.devices()
+model = get_model('vgg16', 4, width=0.0625)
+tp = distill.init_params(model, jax.random.PRNGKey(0), 32)
+sp = distill.init_params(model, jax.random.PRNGKey(1), 32)
+r = np.random.RandomState(0)
+batch = {'image': r.randint(0, 256, (8, 32, 32, 3)).astype(np.uint8),
+         'label': (np.arange(8) % 4).astype(np.int32)}
+cfg = distill.StepConfig(factor=2, view='native',
+                         weights=(('ce', 1.), ('kd', 1.), ('fm', .1), ('at', 10.)))
+out = {}
+for name, devs in (('one', jax.devices()[:1]), ('four', jax.devices())):
+  mesh = distill.make_mesh(devs)
+  tx = optax.adam(1e-3)
+  step = distill.make_train_step(cfg, model, tx, mesh, teacher=model)
+  state = distill.create_train_state(sp, tx, jax.random.PRNGKey(2))
+  tpr = distill.replicate(tp, mesh)
+  for _ in range(2):
+    state, m = step(state, tpr, distill.shard_batch(batch, mesh))
+  logits = distill.make_eval_step(model, 2, mesh, 'native')(state['params'],
+                                                           distill.shard_batch(batch, mesh)['image'])
+  out[name] = (jax.tree_util.tree_map(np.asarray, state['params']),
+               {k: float(v) for k, v in m.items()}, np.asarray(logits))
+(pa, ma, la), (pb, mb, lb) = out['one'], out['four']
+for k in ma:
+  np.testing.assert_allclose(ma[k], mb[k], rtol=2e-4, atol=1e-6, err_msg=k)
+np.testing.assert_allclose(la, lb, rtol=1e-3, atol=1e-5)
+jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6), pa, pb)
+print('OK')
+'''
+
+
+def test_native_sharded_equals_unsharded(python_runner):
+  out = python_runner(SHARDED_NATIVE, {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+  assert out.startswith('OK'), out
+
+
+@pytest.mark.slow
+def test_native_student_end_to_end(tmp_path):
+  """The driver with a native 5x student (16 px inputs from 32 px smoke images): report, exported
+  metadata and figure say native, and the student was evaluated on its own view."""
+  import json  # pylint: disable=g-import-not-at-top
+  from camkd_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  c = attn_kd.get_config('smoke=1,magnification=5')
+  c.student.view = 'native'
+  c.num_figure_images = 2
+  out = train.run(c, str(tmp_path))
+  assert out['student']['view'] == 'native' and out['student']['factor'] == 2
+  meta = checkpoints.read_metadata(str(tmp_path / 'student'))
+  assert meta['view'] == 'native' and meta['report']['view'] == 'native'
+  assert checkpoints.read_metadata(str(tmp_path / 'teacher'))['view'] == 'upsampled'
+  with open(tmp_path / 'figures' / 'gradcam.png', 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  saved = json.loads((tmp_path / 'config.json').read_text())
+  assert saved['student']['view'] == 'native'
+  cm = np.asarray(out['student']['test']['confusion_matrix'])
+  assert cm.sum() == out['student']['test']['num_examples'] == 32
