@@ -37,6 +37,7 @@ BAD_TERM_NAMES = TERMS + ('total', 'gradients')
 class StepConfig:
   """Static description of one train step (everything that changes the compiled program)."""
   factor: int = 1
+  view: str = 'upsampled'    # the student's input: 'upsampled' (reference) or 'native' (S / f)
   weights: Tuple[Tuple[str, float], ...] = (('ce', 1.0),)
   temperature: float = 1.0
   kd_form: str = 'reference'
@@ -111,7 +112,7 @@ def compute_losses(cfg: StepConfig, student, params, teacher, teacher_params, x,
   """All active loss terms for student params on images x (full resolution, float)."""
   w = cfg.weight
   at_layers = cfg.saliency.layers if w('at') else ()
-  xs = ops.student_view(x, cfg.factor)
+  xs = ops.student_view(x, cfg.factor, cfg.view)
   t = None
   if cfg.needs_teacher:
     t = _forward(teacher, teacher_params, x, at_layers)
@@ -184,21 +185,23 @@ def make_train_step(cfg: StepConfig, student, tx, mesh: Mesh, teacher=None, dona
                  donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(model, factor: int, mesh: Mesh):
-  """Jitted `eval_step(params, images_uint8) -> logits (B, C) float32` on the student view."""
+def make_eval_step(model, factor: int, mesh: Mesh, view: str = 'upsampled'):
+  """Jitted `eval_step(params, images_uint8) -> logits (B, C) float32` on the student view of
+  full-resolution images (a native student runs on the pooled S / f image)."""
   def fn(params, images):
-    x = ops.student_view(images.astype(jnp.float32) / 255.0, factor)
+    x = ops.student_view(images.astype(jnp.float32) / 255.0, factor, view)
     logits, _ = model.apply({'params': params}, x)
     return logits
   return jax.jit(fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
                  out_shardings=sharding.batch_sharding(mesh))
 
 
-def make_cam_step(model, factor: int, layer: str = 'block5', mode: str = 'atplus'):
-  """Jitted `(params, images_uint8, labels) -> (maps of the true class (B, H, W), probs)`, used
-  for the figures."""
+def make_cam_step(model, factor: int, layer: str = 'block5', mode: str = 'atplus',
+                  view: str = 'upsampled'):
+  """Jitted `(params, images_uint8, labels) -> (maps of the true class (B, h, w), probs)`, used
+  for the figures (maps at the model's own block size: smaller for a native student)."""
   def fn(params, images, labels):
-    x = ops.student_view(images.astype(jnp.float32) / 255.0, factor)
+    x = ops.student_view(images.astype(jnp.float32) / 255.0, factor, view)
     logits, _, maps = gradcam.gradcam(model, {'params': params}, x, layer, mode)
     true_maps = jnp.take_along_axis(maps, labels[:, None, None, None], axis=-1)[..., 0]
     return true_maps, jax.nn.softmax(logits)

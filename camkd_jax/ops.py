@@ -55,12 +55,25 @@ def avg_pool(x, factor: int):
   return x.reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
 
 
-def student_view(images, factor: int):
-  """The reference's low-magnification view: average-pool by `factor`, then bilinear upsampling
-  (align_corners=True) back to the input size. factor=1 returns the images unchanged."""
+VIEWS = ('upsampled', 'native')
+
+
+def student_view(images, factor: int, view: str = 'upsampled'):
+  """The student's input from full-resolution images. 'upsampled' (the reference): average-pool by
+  `factor`, then bilinear upsampling (align_corners=True) back to the input size, so the student
+  runs on as many pixels as the teacher. 'native': the pooled image at its own size S / factor, so
+  the student's convolutions run on 1 / factor^2 of the pixels. factor=1 returns the images."""
+  if view not in VIEWS:
+    raise ValueError(f'unknown student view {view!r}; known: {list(VIEWS)}')
   if factor == 1:
     return images
-  return resize_align_corners(avg_pool(images, factor), images.shape[1:3])
+  pooled = avg_pool(images, factor)
+  return pooled if view == 'native' else resize_align_corners(pooled, images.shape[1:3])
+
+
+def student_input_size(image_size: int, factor: int, view: str = 'upsampled') -> int:
+  """Side length of the student's input: S / factor for a native student, else S."""
+  return image_size // factor if view == 'native' else image_size
 
 
 def magnification_factor(magnification: float, base: float = 10.0) -> int:

@@ -64,6 +64,7 @@ def validate_config(config, num_devices: int):
   if config.image_size % factor:
     raise ValueError(f'config.image_size={config.image_size} is not divisible by the student '
                      f'factor {factor} (config.magnification={config.magnification})')
+  validate_view(config, factor)
   for key in ('batch_size', 'eval_batch_size'):
     value = int(config[key])
     if value <= 0 or value % num_devices:
@@ -86,6 +87,24 @@ def validate_config(config, num_devices: int):
 
 
 STUDENT_INITS = ('', 'imagenet', 'random', 'teacher')
+# VGG16 pools 2x2 four times before block5: an input under 16 px leaves no block5 map.
+MIN_INPUT_SIZE = 16
+
+
+def validate_view(config, factor: int):
+  """config.student.view is known; a native student's input (S / f) still reaches block5."""
+  view = config.student.view
+  if view not in ops.VIEWS:
+    raise ValueError(f'unknown config.student.view {view!r}; known: {list(ops.VIEWS)}')
+  size = ops.student_input_size(int(config.image_size), factor, view)
+  if config.method != 'teacher' and size < MIN_INPUT_SIZE:
+    raise ValueError(
+        f'config.student.view=native at magnification {config.magnification:g}x gives the student '
+        f'{size}x{size} px inputs (config.image_size={config.image_size} / factor {factor}), but '
+        f'VGG16 needs at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} (four 2x2 pools before block5). '
+        f'Use a magnification of at least '
+        f'{config.base_magnification * MIN_INPUT_SIZE / config.image_size:g}x, a larger '
+        'config.image_size, or config.student.view=upsampled.')
 
 
 def validate_init(config):
@@ -136,7 +155,7 @@ def student_step_config(config, saliency=None, augment=None) -> distill.StepConf
   return distill.StepConfig(
       factor=ops.magnification_factor(config.magnification, config.base_magnification),
       weights=weights, temperature=float(config.loss.temperature),
-      kd_form=config.loss.kd_form, fm_layer=config.loss.fm_layer,
+      view=config.student.view, kd_form=config.loss.kd_form, fm_layer=config.loss.fm_layer,
       saliency=saliency_lib.from_config(config.attention) if saliency is None else saliency,
       augment=augment)
 
@@ -181,18 +200,18 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> Dict[str, Any]:
   teacher_params, teacher_report = obtain_teacher(config, workdir, data, mesh, model,
                                                   teacher_cfg)
   result = {'teacher': teacher_report, 'seeds': [int(config.seed)]}
-  columns = [('teacher', model, teacher_params, 1)]
+  columns = [('teacher', model, teacher_params, 1, 'upsampled')]
   if config.method != 'teacher':
     stage = Stage('student', config, workdir, model, student_cfg, int(config.num_epochs),
                   *stage_seeds(config.seed, 2),
                   teacher_model=model, teacher_params=teacher_params)
     student_params, report = StageRunner(stage, data, mesh).run()
     report.update(magnification=float(config.magnification), factor=student_cfg.factor,
-                  method=config.method)
+                  view=student_cfg.view, method=config.method)
     checkpoints.save_model(os.path.join(workdir, 'student'), student_params,
                            model_metadata(config, data, report, 'student'))
     result['student'] = report
-    columns.append(('student', model, student_params, student_cfg.factor))
+    columns.append(('student', model, student_params, student_cfg.factor, student_cfg.view))
   if distributed.is_main() and config.num_figure_images > 0:
     save_figure(os.path.join(workdir, 'figures', 'gradcam.png'), columns, data,
                 config.num_figure_images, float(config.base_magnification))
@@ -211,7 +230,8 @@ def model_metadata(config, data, report, stage: str = 'teacher') -> Dict[str, An
                     'input_std': [float(v) for v in config.model.get('input_std', ())]},
           'image_size': int(data.image_size), 'class_names': list(data.class_names),
           'num_classes': int(data.num_classes), 'seed': int(config.seed),
-          'dataset': config.data.name, 'init': stage_init(config, stage), 'report': report}
+          'dataset': config.data.name, 'init': stage_init(config, stage),
+          'view': config.student.view if stage == 'student' else 'upsampled', 'report': report}
 
 
 def _get_path(d, dotted):
@@ -290,8 +310,8 @@ def evaluate(eval_step, params, data, mesh) -> Dict[str, Dict]:
   return out
 
 
-def evaluate_model(model, params, factor, data, mesh):
-  return evaluate(distill.make_eval_step(model, factor, mesh), params, data, mesh)
+def evaluate_model(model, params, factor, data, mesh, view='upsampled'):
+  return evaluate(distill.make_eval_step(model, factor, mesh, view), params, data, mesh)
 
 
 # ----------------------------------------------------------------------------- the stage loop
@@ -388,7 +408,8 @@ class StageRunner:
     self.window = metrics_lib.LossMeans()
     self.train_step = distill.make_train_step(stage.step_config, stage.model, self.tx, mesh,
                                               teacher=stage.teacher_model)
-    self.eval_step = distill.make_eval_step(stage.model, stage.step_config.factor, mesh)
+    self.eval_step = distill.make_eval_step(stage.model, stage.step_config.factor, mesh,
+                                            stage.step_config.view)
     self.state, self.best_params, self.progress = self.restore_or_init()
     self.epoch_losses = metrics_lib.LossMeans.from_state(self.progress.get('epoch_losses'))
     # Throughput / ETA clocks: since the start of run(), and since the last log line.
@@ -549,10 +570,10 @@ def save_figure(path, columns, data, num_images, base_magnification):
   keep = np.flatnonzero(batch['mask'])[:num_images]
   images, labels = batch['image'][keep], batch['label'][keep]
   cols = []
-  for title, model, params, factor in columns:
-    cam = distill.make_cam_step(model, factor)
+  for title, model, params, factor, view_name in columns:
+    cam = distill.make_cam_step(model, factor, view=view_name)
     maps, probs = cam(host_tree(params), images, labels)
-    view = ops.student_view(jnp.asarray(images, jnp.float32) / 255.0, factor)
+    view = ops.student_view(jnp.asarray(images, jnp.float32) / 255.0, factor, view_name)
     cols.append({'title': f'{title} ({base_magnification / factor:g}x)' if factor > 1 else title,
                  'view': np.asarray(view), 'maps': np.asarray(maps), 'probs': np.asarray(probs)})
   reporting.save_gradcam_figure(path, images, labels, data.class_names, cols)

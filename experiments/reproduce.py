@@ -48,10 +48,14 @@ METHODS = {
     'fm_at': ('attn_kd', {}),
     # FM + AT+ with the student started as a copy of the trained teacher (config.student.init).
     'fm_at_tinit': ('attn_kd', {'student.init': 'teacher'}),
+    # Native low-resolution students (config.student.view): the S / f image at its own size.
+    'ce_native': ('ce_student', {'student.view': 'native'}),
+    'fm_at_native': ('attn_kd', {'student.view': 'native'}),
 }
 LOSS_TERMS = ('ce', 'kd', 'fm', 'at', 'sr')
 METHOD_LABELS = {'ce': 'CE only', 'kd': 'KD', 'fm': 'FM', 'at': 'AT+', 'fm_at': 'FM + AT+',
-                 'fm_at_tinit': 'FM + AT+ (teacher init)'}
+                 'fm_at_tinit': 'FM + AT+ (teacher init)', 'ce_native': 'CE only (native)',
+                 'fm_at_native': 'FM + AT+ (native)'}
 SPLITS = ('val', 'test')
 METRICS = ('balanced_accuracy', 'kappa')
 
