@@ -1,0 +1,46 @@
+"""Writes a finished-run directory (config.json + teacher/ + student/ exports) for tests."""
+import json
+import os
+
+import jax
+
+from camkd_jax import checkpoints
+from camkd_jax import distill
+from camkd_jax.models import get_model
+
+CLASS_NAMES = ('NC', 'G3', 'G4', 'G5')
+MEAN, STD = (0.842, 0.582, 0.733), (0.123, 0.120, 0.081)
+
+
+def tiny_model(width=0.0625, num_classes=4):
+  return get_model('vgg16', num_classes, width, 'float32', MEAN, STD)
+
+
+def metadata(image_size, report, width=0.0625):
+  return {'model': {'name': 'vgg16', 'width': width, 'dtype': 'float32',
+                    'input_mean': list(MEAN), 'input_std': list(STD)},
+          'image_size': image_size, 'class_names': list(CLASS_NAMES),
+          'num_classes': len(CLASS_NAMES), 'seed': 0, 'dataset': 'synthetic_histology',
+          'report': report}
+
+
+def export_run(workdir, image_size=32, factor=4, teacher_params=None, student_params=None,
+               seed=0, config_extra=None, width=0.0625):
+  """A run directory as train.py leaves it; random parameters unless given."""
+  model = tiny_model(width)
+  os.makedirs(workdir, exist_ok=True)
+  config = {'method': 'ce', 'base_magnification': 10.0, 'magnification': 10.0 / factor,
+            'image_size': image_size, **(config_extra or {})}
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(config, f)
+  keys = jax.random.split(jax.random.PRNGKey(seed))
+  if teacher_params is None:
+    teacher_params = distill.init_params(model, keys[0], image_size)
+  if student_params is None:
+    student_params = distill.init_params(model, keys[1], image_size)
+  checkpoints.save_model(os.path.join(workdir, 'teacher'), teacher_params,
+                         metadata(image_size, {'epoch': 1}, width))
+  checkpoints.save_model(os.path.join(workdir, 'student'), student_params,
+                         metadata(image_size, {'epoch': 1, 'magnification': 10.0 / factor,
+                                               'factor': factor, 'method': 'ce'}, width))
+  return model, teacher_params, student_params
