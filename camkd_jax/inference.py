@@ -190,8 +190,9 @@ class Predictor:
     t = run_model.tile_size
     self.tile_shape = (t, t, 3)
 
-  def _dispatch(self, tiles: np.ndarray):
-    """Starts one batch on the device (asynchronously); returns (device result, valid rows)."""
+  def submit(self, tiles: np.ndarray) -> Tuple[Any, int]:
+    """Starts one batch (<= batch_size tiles) on the device without waiting for it; returns a
+    pending result for `fetch`."""
     tiles = np.asarray(tiles)
     if tiles.dtype != np.uint8 or tiles.shape[1:] != self.tile_shape:
       raise ValueError(f'tiles must be uint8 of shape (N, {", ".join(map(str, self.tile_shape))})'
@@ -211,11 +212,11 @@ class Predictor:
     flight, so the host reads the next tiles while the device computes."""
     inflight = deque()
     for tiles in batches:
-      inflight.append(self._dispatch(tiles))
+      inflight.append(self.submit(tiles))
       if len(inflight) > depth:
-        yield _fetch(*inflight.popleft())
+        yield fetch(inflight.popleft())
     while inflight:
-      yield _fetch(*inflight.popleft())
+      yield fetch(inflight.popleft())
 
   def predict(self, tiles: np.ndarray) -> np.ndarray:
     """(N, C) float32 probabilities of N uint8 tiles (any N, including 0)."""
@@ -231,5 +232,7 @@ class Predictor:
     return self.step._cache_size()  # pylint: disable=protected-access
 
 
-def _fetch(result, n: int) -> np.ndarray:
+def fetch(pending: Tuple[Any, int]) -> np.ndarray:
+  """(n, C) probabilities of a submitted batch (waits for the device), padding rows dropped."""
+  result, n = pending
   return np.asarray(jax.device_get(result))[:n]
