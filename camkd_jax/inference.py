@@ -92,6 +92,12 @@ def _model_dir(workdir: str, which: str) -> str:
         f'e.g. {os.path.join(workdir, seeds[0])}')
   cfg = _read_json(os.path.join(workdir, 'config.json'),
                    f'{workdir} is not a camkd_jax run directory')
+  external = (cfg.get('teacher') or {}).get('checkpoint') or ''
+  if which == 'teacher' and external:  # the run used a teacher trained elsewhere
+    if checkpoints.is_finished_model(external):
+      return external
+    raise FileNotFoundError(f'the teacher of {workdir} (config teacher.checkpoint) is '
+                            f'{external}, which is not a finished export')
   if which == 'student' and cfg.get('method') == 'teacher':
     raise FileNotFoundError(f'{workdir} is a teacher-only run (config method "teacher"): it has '
                             'no student; use which="teacher" (--model teacher)')

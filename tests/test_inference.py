@@ -114,3 +114,16 @@ def test_sharded_over_two_devices_equals_one(python_runner, run_dir):
   ''', {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
   got = np.array(eval(out.strip().splitlines()[-1]))  # pylint: disable=eval-used
   np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+def test_teacher_from_config_teacher_checkpoint(tmp_path, run_dir):
+  """A run that distilled from a teacher trained elsewhere has no RUN/teacher: the teacher is
+  the one named by config teacher.checkpoint."""
+  run = tmp_path / 'run'
+  shutil.copytree(run_dir[0], run)
+  shutil.move(str(run / 'teacher'), str(tmp_path / 'elsewhere'))
+  cfg = json.loads((run / 'config.json').read_text())
+  cfg['teacher'] = {'checkpoint': str(tmp_path / 'elsewhere')}
+  (run / 'config.json').write_text(json.dumps(cfg))
+  rm = inference.load_run_model(str(run), 'teacher')
+  assert rm.path == str(tmp_path / 'elsewhere') and rm.factor == 1

@@ -223,6 +223,7 @@ def test_predicted_map_agrees_with_ground_truth(slides, trained_run, tmp_path):
       np.testing.assert_allclose(probs, direct_by_cell[cell], atol=1e-5)
       agree.append(rm.class_names.index(row['prediction']) == truth.cells[cell])
     agreement = float(np.mean(agree))
+    print(f"\n{name}: agreement {agreement:.4f}, test accuracy {accuracy:.4f}, margin {margin:.4f}")
     assert agreement >= accuracy - margin, (name, agreement, accuracy, margin)
     summary = json.load(open(tmp_path / name / 'summary.json'))
     assert summary['tissue_tiles'] == len(rr) and summary['level'] == 0
