@@ -187,7 +187,8 @@ class SlideRunner:
         self._collect(device.popleft())
     finally:
       reader.close()
-    return self.results
+    order = {n: i for i, n in enumerate(names)}  # in the order given, not of completion
+    return sorted(self.results, key=lambda r: order[r['name']])
 
   def _batches(self, paths, names):
     """(job, tile indices) of every batch of every slide, planning slides lazily."""
@@ -447,6 +448,9 @@ def main(argv):
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     return 2
+  # Every process waits for the others: none leaves the distributed runtime while others work.
+  from camkd_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  checkpoints.sync('camkd_jax_slide_done')
   return 1 if any(r['status'] != 'ok' for r in results) else 0
 
 

@@ -299,3 +299,32 @@ def test_slides_are_shared_across_processes():
   shares = [slide_cli.my_slides(paths, p, 3) for p in range(3)]
   assert shares == [['s0', 's3', 's6'], ['s1', 's4'], ['s2', 's5']]
   assert slide_cli.output_names(['a/x.svs', 'b/x.svs', 'c/y.ndpi']) == ['x_0', 'x_1', 'y']
+
+
+def test_two_processes_share_the_slides(slides, tmp_path):
+  """Under jax.distributed (two CPU processes on localhost) slide i goes to process i % 2: each
+  writes its own slides and run_summary_p<i>.json; the process with the bad file exits 1."""
+  import test_multihost  # pylint: disable=g-import-not-at-top
+  d, s = slides
+  workdir = str(tmp_path / 'run')
+  run_export.export_run(workdir, P, 4)
+  port = test_multihost.free_port()
+  out = tmp_path / 'out'
+  argv = [sys.executable, '-m', 'camkd_jax.slide', '--workdir', workdir, '--model', 'teacher',
+          '--out', str(out), '--batch_size', '16', '--readers', '1',
+          s['s10'].path, s['s20'].path, str(d / 'notes.svs')]
+  procs = []
+  for i in range(2):
+    env = test_multihost._env(1, str(tmp_path / 'cache'), dict(  # pylint: disable=protected-access
+        CAMKD_COORDINATOR=f'localhost:{port}', CAMKD_PROCESS_ID=str(i), CAMKD_NUM_PROCESSES='2'))
+    procs.append(subprocess.Popen(argv, env=env, cwd=conftest.REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  logs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [1, 0], logs
+  p0 = json.load(open(out / 'run_summary_p0.json'))
+  p1 = json.load(open(out / 'run_summary_p1.json'))
+  assert [(r['name'], r['status']) for r in p0['slides']] == [('s10', 'ok'), ('notes', 'failed')]
+  assert [(r['name'], r['status']) for r in p1['slides']] == [('s20', 'ok')]
+  assert (p0['processes'], p1['process']) == (2, 1)
+  for name in ('s10', 's20'):
+    assert len(_predictions(str(out), name)) == 168
