@@ -142,3 +142,29 @@ def write_slide(path: str, patch_size: int = 32, classes=((0, 1), (2, 3)), cells
   PIL.Image.fromarray(labels).save(os.path.splitext(path)[0] + '_labels.png')
   return SlideTruth(labels, layout, patch_size, float(magnification), mpp, tuple(downsamples),
                     os.path.abspath(path))
+
+
+def main(argv=None):
+  """python -m camkd_jax.slide_testdata OUT.svs [--patch_size 64] [--magnification 20] ..."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  p = argparse.ArgumentParser(description='Writes a synthetic Aperio-like slide and its labels.')
+  p.add_argument('path')
+  p.add_argument('--patch_size', type=int, default=64, help='patch side at 10x (the training '
+                 'image size of the model you will run: 64 for the synthetic default)')
+  p.add_argument('--magnification', type=float, default=10.0, help='of level 0: 10, 20, 40')
+  p.add_argument('--regions', type=int, default=2, help='regions per side (classes cycle)')
+  p.add_argument('--cells', type=int, default=5, help='patches per side of a region')
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--no_metadata', action='store_true', help='omit AppMag / MPP')
+  a = p.parse_args(argv)
+  classes = [[(r * a.regions + c) % 4 for c in range(a.regions)] for r in range(a.regions)]
+  truth = write_slide(a.path, a.patch_size, classes, a.cells, magnification=a.magnification,
+                      seed=a.seed, metadata=not a.no_metadata)
+  print(f'{a.path}: {truth.labels.shape[1] * int(a.magnification // 10)} x '
+        f'{truth.labels.shape[0] * int(a.magnification // 10)} px at {a.magnification:g}x, '
+        f'{int((truth.cells >= 0).sum())} tissue patches; labels in '
+        f'{os.path.splitext(a.path)[0]}_labels.png')
+
+
+if __name__ == '__main__':
+  main()

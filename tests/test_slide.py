@@ -49,11 +49,19 @@ def _corrupt_level0_tile(d):
 
 
 @pytest.fixture(scope='module')
+def random_run(tmp_path_factory):
+  """A finished run with random parameters: enough where only the geometry is checked."""
+  workdir = str(tmp_path_factory.mktemp('random'))
+  run_export.export_run(workdir, P, 4)
+  return workdir
+
+
+@pytest.fixture(scope='module')
 def trained_run(tmp_path_factory):
   """A tiny teacher trained for 300 steps (~25 s) and exported as a finished run."""
   model, params, accuracy, num_test = run_export.train_tiny_teacher(P)
   workdir = str(tmp_path_factory.mktemp('trained'))
-  _, _, student_params = run_export.export_run(workdir, P, 4, teacher_params=params)
+  run_export.export_run(workdir, P, 4, teacher_params=params)
   return workdir, model, params, accuracy, num_test
 
 
@@ -190,6 +198,7 @@ def _predictions(out_dir, name):
   return rows
 
 
+@pytest.mark.slow
 def test_predicted_map_agrees_with_ground_truth(slides, trained_run, tmp_path):
   """The trained tiny teacher on the 10x and 20x slides.
 
@@ -235,13 +244,12 @@ def test_predicted_map_agrees_with_ground_truth(slides, trained_run, tmp_path):
       assert os.path.getsize(tmp_path / name / png) > 1000
 
 
-def test_student_reads_the_lower_level_and_upsamples(slides, trained_run, tmp_path):
+def test_student_reads_the_lower_level_and_upsamples(slides, random_run, tmp_path):
   """The (upsampled, f = 4) student on the 10x slide reads level 1 (2.5x) as it is and sees the
   8 px tiles bilinearly upsampled: its probabilities equal the Predictor's on the level-1
   pixels of each cell."""
-  workdir = trained_run[0]
   truth = slides[1]['s10']
-  rm = inference.load_run_model(workdir, 'student')
+  rm = inference.load_run_model(random_run, 'student')
   runner = slide_cli.SlideRunner(rm, 'student', str(tmp_path), slide_cli.Options(batch_size=16))
   assert runner.run([truth.path])[0]['status'] == 'ok'
   image, _ = slide_testdata.render_content(truth.cells, P)
@@ -255,13 +263,13 @@ def test_student_reads_the_lower_level_and_upsamples(slides, trained_run, tmp_pa
   assert {r['level'] for r in rows} == {'1'} and runner.predictor.compiled_programs() == 1
 
 
-def test_cli_bad_files_are_named_and_the_others_finish(slides, trained_run, tmp_path):
+def test_cli_bad_files_are_named_and_the_others_finish(slides, random_run, tmp_path):
   """A text file, a slide without metadata and a slide whose tiles do not decode, among two good
   slides: one error line each naming the file, the good slides' outputs, exit status 1."""
   d, s = slides
   out = tmp_path / 'out'
   bad = [str(d / 'notes.svs'), s['nometa'].path, s['corrupt']]
-  args = [sys.executable, '-m', 'camkd_jax.slide', '--workdir', trained_run[0], '--model',
+  args = [sys.executable, '-m', 'camkd_jax.slide', '--workdir', random_run, '--model',
           'teacher', '--out', str(out), '--batch_size', '16', '--readers', '2',
           s['s10'].path, *bad, s['s20'].path]
   env = dict(os.environ, PYTHONPATH=conftest.REPO)
@@ -301,13 +309,13 @@ def test_slides_are_shared_across_processes():
   assert slide_cli.output_names(['a/x.svs', 'b/x.svs', 'c/y.ndpi']) == ['x_0', 'x_1', 'y']
 
 
-def test_two_processes_share_the_slides(slides, tmp_path):
+@pytest.mark.slow
+def test_two_processes_share_the_slides(slides, random_run, tmp_path):
   """Under jax.distributed (two CPU processes on localhost) slide i goes to process i % 2: each
   writes its own slides and run_summary_p<i>.json; the process with the bad file exits 1."""
   import test_multihost  # pylint: disable=g-import-not-at-top
   d, s = slides
-  workdir = str(tmp_path / 'run')
-  run_export.export_run(workdir, P, 4)
+  workdir = random_run
   port = test_multihost.free_port()
   out = tmp_path / 'out'
   argv = [sys.executable, '-m', 'camkd_jax.slide', '--workdir', workdir, '--model', 'teacher',
