@@ -253,7 +253,12 @@ class SlideRunner:
   def _finish(self, job: SlideJob):
     seconds = time.time() - job.t_start
     summary = slide_summary(job, self.rm, self.which, seconds)
-    write_slide_outputs(os.path.join(self.out_dir, job.name), job, self.rm.class_names, summary)
+    try:
+      write_slide_outputs(os.path.join(self.out_dir, job.name), job, self.rm.class_names,
+                          summary)
+    except OSError as e:
+      self._fail(job.plan.path, job.name, f'{job.plan.path}: writing its outputs failed: {e}')
+      return
     self.results.append({'slide': os.path.abspath(job.plan.path), 'name': job.name,
                          'status': 'ok', 'tiles': len(job.plan.grid),
                          'tiles_per_second': summary['tiles_per_second']})
