@@ -257,7 +257,8 @@ class SlideRunner:
       write_slide_outputs(os.path.join(self.out_dir, job.name), job, self.rm.class_names,
                           summary)
     except OSError as e:
-      self._fail(job.plan.path, job.name, f'{job.plan.path}: writing its outputs failed: {e}')
+      self._fail(job.plan.path, job.name, f'{job.plan.path}: writing its outputs failed: {e}',
+                 job)
       return
     self.results.append({'slide': os.path.abspath(job.plan.path), 'name': job.name,
                          'status': 'ok', 'tiles': len(job.plan.grid),
