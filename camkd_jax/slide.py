@@ -38,23 +38,29 @@ from absl import logging
 import numpy as np
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Finished training run (or one seed_<n> of it).')
-flags.DEFINE_enum('model', 'student', ['student', 'teacher'], 'Which model of the run.')
-flags.DEFINE_string('out', None, 'Output directory.')
-flags.DEFINE_integer('stride', 0, 'Tile step in pixels at the model magnification (0: the tile '
-                     'size, i.e. tiles side by side).')
-flags.DEFINE_integer('batch_size', 64, 'Tiles per compiled batch (rounded up to the devices).')
-flags.DEFINE_integer('readers', 4, 'Reader threads (one OpenSlide handle each).')
-flags.DEFINE_integer('prefetch', 0, 'Batches read ahead (0: 2 x readers).')
-flags.DEFINE_float('slide_magnification', None, 'Level-0 magnification of every slide (overrides '
-                   'the metadata; needed for slides without it).')
-flags.DEFINE_float('mpp', None, 'Level-0 micrometres per pixel of every slide (overrides the '
-                   'metadata; magnification = 10 / mpp).')
-flags.DEFINE_float('tissue_fraction', 0.5, 'Minimum tissue fraction of a tile to predict it.')
-flags.DEFINE_float('min_saturation', 0.05, 'Lower bound of the Otsu saturation threshold.')
-flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (jax.distributed).')
-flags.DEFINE_integer('num_processes', None, 'Number of processes (jax.distributed).')
-flags.DEFINE_integer('process_id', None, 'This process (jax.distributed).')
+
+
+def define_flags():
+  """The command's flags (defined only when run as a command: importing the module defines
+  none, so it coexists with other absl programs)."""
+  flags.DEFINE_string('workdir', None, 'Finished training run (or one seed_<n> of it).')
+  flags.DEFINE_enum('model', 'student', ['student', 'teacher'], 'Which model of the run.')
+  flags.DEFINE_string('out', None, 'Output directory.')
+  flags.DEFINE_integer('stride', 0, 'Tile step in pixels at the model magnification (0: the tile '
+                       'size, i.e. tiles side by side).')
+  flags.DEFINE_integer('batch_size', 64, 'Tiles per compiled batch (rounded up to the devices).')
+  flags.DEFINE_integer('readers', 4, 'Reader threads (one OpenSlide handle each).')
+  flags.DEFINE_integer('prefetch', 0, 'Batches read ahead (0: 2 x readers).')
+  flags.DEFINE_float('slide_magnification', None, 'Level-0 magnification of every slide (overrides '
+                     'the metadata; needed for slides without it).')
+  flags.DEFINE_float('mpp', None, 'Level-0 micrometres per pixel of every slide (overrides the '
+                     'metadata; magnification = 10 / mpp).')
+  flags.DEFINE_float('tissue_fraction', 0.5, 'Minimum tissue fraction of a tile to predict it.')
+  flags.DEFINE_float('min_saturation', 0.05, 'Lower bound of the Otsu saturation threshold.')
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (jax.distributed).')
+  flags.DEFINE_integer('num_processes', None, 'Number of processes (jax.distributed).')
+  flags.DEFINE_integer('process_id', None, 'This process (jax.distributed).')
+
 
 CLASS_COLOURS = ('#1b9e77', '#d95f02', '#7570b3', '#e7298a', '#66a61e', '#e6ab02', '#a6761d',
                  '#666666', '#1f78b4', '#b2df8a')
@@ -461,5 +467,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flags_as_required(['workdir', 'out'])
   app.run(main)

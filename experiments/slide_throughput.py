@@ -7,7 +7,8 @@ r"""Whole-slide inference throughput (issue 13, section 6): teacher at 10x again
 
 Measured (CPU here): the whole `camkd_jax.slide` path (plan + tissue mask, threaded OpenSlide reads,
 the jitted predict step, outputs) over one synthetic slide written by camkd_jax.slide_testdata
-with the run's patch size, after one warm-up pass that compiles; --repeats interleaved rounds, best and median reported
+with the run's patch size, after one warm-up pass that compiles; --repeats interleaved rounds,
+best and median reported
 (the best is the least disturbed by other work on a shared machine).
 Rows:
   teacher            10x, level 0, tiles of image_size px;
@@ -45,7 +46,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import inference  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
-from camkd_jax import slide as slide_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from camkd_jax import slide as slide_lib  # pylint: disable=wrong-import-position
 from camkd_jax import slide_testdata  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import wsi  # pylint: disable=g-import-not-at-top,wrong-import-position
 

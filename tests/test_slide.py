@@ -12,7 +12,7 @@ import pytest
 openslide = pytest.importorskip('openslide')  # the `slides` extra, part of `test`
 
 from camkd_jax import inference  # pylint: disable=g-import-not-at-top,wrong-import-position
-from camkd_jax import slide as slide_cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from camkd_jax import slide as slide_cli  # pylint: disable=wrong-import-position
 from camkd_jax import slide_testdata  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import wsi  # pylint: disable=g-import-not-at-top,wrong-import-position
 import conftest  # pylint: disable=g-import-not-at-top,wrong-import-position
