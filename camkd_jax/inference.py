@@ -36,7 +36,7 @@ from camkd_jax import ops
 from camkd_jax import sharding
 
 WHICH = ('student', 'teacher')
-VIEWS = ('upsampled', 'native')
+VIEWS = ops.VIEWS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,9 +39,13 @@ def parse_args(argv=None):
   p.add_argument('--dataset', default='synthetic_histology')
   p.add_argument('--data_dir', default='')
   p.add_argument('--smoke', action='store_true')
+  p.add_argument('--protocol', default='', choices=('', 'default', 'paper'),
+                 help='config argument protocol=... (as reproduce.py)')
   p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE')
   p.add_argument('--batches', type=int, default=4, help='training batches averaged over')
-  p.add_argument('--points', default='init,best', help="parameter sets: 'init', 'best'")
+  p.add_argument('--points', default='init,best',
+                 help="parameter sets: 'init' (the student's configured initialisation: random, "
+                      "ImageNet or teacher copy), 'random' (random init, for comparison), 'best'")
   p.add_argument('--per_layer', action='store_true',
                  help="also a table of each term's share of every layer's gradient norm "
                       '(Adam normalises per parameter, so a term that owns one layer steers it)')
@@ -138,8 +142,15 @@ def main(argv=None):
   points = {}
   for point in args.points.split(','):
     if point == 'init':
-      points['init'] = train.init_params(model, train.stage_seeds(args.seed, 2)[0],
-                                         data.image_size)
+      stage = train.Stage('student', config, cell, model, step_cfg, 1,
+                          *train.stage_seeds(args.seed, 2), teacher_model=model,
+                          teacher_params=teacher_params)
+      init = train.stage_init(config, 'student')
+      points[f"init ({init['weights'] or 'random'}, head {init['head']})"] = (
+          train.stage_init_params(stage, data.image_size))
+    elif point == 'random':
+      points['random init'] = train.init_params(model, train.stage_seeds(args.seed, 2)[0],
+                                                data.image_size)
     elif point == 'best':
       path = os.path.join(cell, 'student')
       if not checkpoints.is_finished_model(path):
@@ -147,7 +158,7 @@ def main(argv=None):
       points['best'], meta = checkpoints.load_model(path, template)
       points[f'best (epoch {(meta.get("report") or {}).get("epoch")})'] = points.pop('best')
     else:
-      raise SystemExit(f'--points: unknown {point!r}; use init and/or best')
+      raise SystemExit(f'--points: unknown {point!r}; use init, random and/or best')
 
   grads_fn = jax.jit(lambda p, x, y: term_gradients(step_cfg, model, p, teacher_params, x, y))
   spans_fn = jax.jit(lambda p, x, y: map_spans(step_cfg, config.attention.map, model, p,
