@@ -22,7 +22,8 @@ from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,w
 
 from camkd_jax import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
-from camkd_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from camkd_jax import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(

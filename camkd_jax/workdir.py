@@ -57,7 +57,8 @@ def config_differences(old: Dict, new: Dict) -> List[str]:
 
 
 def prepare_workdir(config, workdir: str):
-  """Refuses a workdir holding another config's run (unless config.overwrite), writes config.json."""
+  """Refuses a workdir holding another config's run (unless config.overwrite); writes
+  config.json."""
   path = os.path.join(workdir, 'config.json')
   new = config_dict(config)
   old = None

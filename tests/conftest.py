@@ -24,3 +24,15 @@ def run_python(code, env_extra=None, timeout=300):
 @pytest.fixture
 def python_runner():
   return run_python
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  """(model, variables, images): a width-0.0625 VGG16 with 4 classes and 3 random 32 px images."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from camkd_jax.models import get_model  # pylint: disable=g-import-not-at-top
+  model = get_model('vgg16', 4, width=0.0625)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  x = jax.random.uniform(jax.random.PRNGKey(1), (3, 32, 32, 3))
+  return model, variables, x

@@ -6,9 +6,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-pytest.importorskip('tensorflow', reason='the input pipeline needs TensorFlow')
-
-from camkd_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+from camkd_jax import input_pipeline as ip
 from configs import base as base_config
 
 

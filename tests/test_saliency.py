@@ -319,6 +319,30 @@ def _attn_config(**attention):
   return c
 
 
+X64_AT_PLUS = r'''
+import jax, jax.numpy as jnp, numpy as np
+from camkd_jax import distill, gradcam, losses, saliency
+assert distill.StepConfig().saliency is saliency.DEFAULT and saliency.DEFAULT.layers == ('block5',)
+r = np.random.RandomState(0)
+def sal():
+  return gradcam.Saliency(jnp.zeros((2, 4)), {'block5': jnp.asarray(r.randn(2, 3, 3, 5))},
+                          {'block5': jnp.asarray(r.randn(4, 2, 3, 3, 5))})
+s, t = sal(), sal()
+got = saliency.DEFAULT.loss_fn(s, t, jnp.asarray([0, 1]))
+core = losses.at_plus_loss(gradcam.cam_plus(s.acts['block5'], s.grads['block5']),
+                           gradcam.cam_plus(t.acts['block5'], t.grads['block5']))
+assert got.dtype == jnp.float64 and core.dtype == jnp.float64, (got.dtype, core.dtype)
+print(repr(float(got)), repr(float(core)))
+'''
+
+
+def test_default_at_plus_stays_float64_under_x64(python_runner):
+  """StepConfig's default saliency is the registry's reference AT+, and an x64 run keeps it in
+  float64 end to end (no float32 cast): the same value as losses.at_plus_loss in float64."""
+  got, core = python_runner(X64_AT_PLUS, {'JAX_ENABLE_X64': '1'}).split()
+  assert float(got) == float(core)
+
+
 def test_default_combination_equals_core_at_plus(tiny):
   """map gradcam_plus (all classes), minmax, rmse at block5 == losses.at_plus_loss on cam_plus."""
   spec = train.student_step_config(_attn_config()).saliency

@@ -1,4 +1,5 @@
-"""The driver end to end: CLI outputs, resume after SIGKILL, and the bad-input paths.
+"""camkd_jax.train: start-up checks, evaluation on fixed logits, train_and_evaluate in process,
+and the CLI end to end (outputs, resume after SIGKILL, a non-finite loss).
 
 The end-to-end runs use the embedded synthetic dataset's `smoke` build (32 px, 64/32/32 images)
 and a width-0.0625 VGG16; subprocess runs share a persistent XLA compilation cache so that the
@@ -17,9 +18,10 @@ import pytest
 from configs import attn_kd
 from configs import base
 from camkd_jax import checkpoints
-from camkd_jax import reporting
 from camkd_jax import train
 from camkd_jax import workdir as workdir_lib
+from helpers import load_json
+from helpers import smoke_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = 'configs/attn_kd.py:smoke=1'
@@ -46,22 +48,6 @@ def run_cli(args, env, timeout=600, prelude=''):
       'app.run(main.main)'])
   return subprocess.run([sys.executable, '-c', code], env=env, cwd=REPO, capture_output=True,
                         text=True, timeout=timeout)
-
-
-def smoke_config(**overrides):
-  config = attn_kd.get_config('smoke=1')
-  for key, value in overrides.items():
-    node = config
-    *path, last = key.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return config
-
-
-def load_json(path):
-  with open(path) as f:
-    return json.load(f)
 
 
 # ----------------------------------------------------------------------------- start-up checks
@@ -94,33 +80,9 @@ def test_validate_config_accepts_the_shipped_configs():
   assert (c.loss.fm, c.loss.at, c.loss.kd) == (0.1, 10.0, 0.0)
 
 
-def test_parse_seeds_and_default_workdir():
+def test_parse_seeds():
   assert train.parse_seeds(attn_kd.get_config('seeds=22,32,43')) == [22, 32, 43]
   assert train.parse_seeds(attn_kd.get_config()) == [22]
-  assert workdir_lib.default_workdir('configs/attn_kd.py', attn_kd.get_config()) == os.path.join(
-      'workdirs', 'attn_kd_m2.5')
-  assert workdir_lib.default_workdir('configs/kd.py:magnification=1.25',
-                               attn_kd.get_config('magnification=1.25,dataset=sicapv2')) == \
-      os.path.join('workdirs', 'kd_m1.25_sicapv2')
-  teacher = __import__('configs.teacher', fromlist=['get_config']).get_config()
-  assert workdir_lib.default_workdir('configs/teacher.py', teacher) == os.path.join('workdirs',
-                                                                              'teacher')
-
-
-def test_workdir_of_a_different_config_is_refused(tmp_path):
-  workdir = str(tmp_path / 'run')
-  workdir_lib.prepare_workdir(smoke_config(), workdir)
-  keep = tmp_path / 'run' / 'checkpoints' / 'student'
-  keep.mkdir(parents=True)
-  # Same results-relevant config (only logging / checkpoint cadence changed): accepted.
-  workdir_lib.prepare_workdir(smoke_config(log_every_steps=1, checkpoint_every_steps=2), workdir)
-  with pytest.raises(ValueError, match=r"(?s)different config.*loss.at: 10.0 -> 5.0.*"
-                                       r"--config.overwrite=True"):
-    workdir_lib.prepare_workdir(smoke_config(**{'loss.at': 5.0}), workdir)
-  assert keep.is_dir(), 'a refused run must not delete anything'
-  workdir_lib.prepare_workdir(smoke_config(**{'loss.at': 5.0, 'overwrite': True}), workdir)
-  assert not keep.exists()
-  assert load_json(os.path.join(workdir, 'config.json'))['loss']['at'] == 5.0
 
 
 def test_teacher_metadata_mismatch_is_refused():
@@ -140,26 +102,6 @@ def test_teacher_metadata_mismatch_is_refused():
     train.check_teacher_metadata(meta, config, FakeData, '/t')
 
 
-def test_combine_seeds_mean_and_std():
-  def run(seed, tk, sk):
-    return {'seeds': [seed],
-            'teacher': {'val': {'kappa': tk, 'balanced_accuracy': 0.5},
-                        'test': {'kappa': tk, 'balanced_accuracy': 0.5}, 'epoch': 1},
-            'student': {'val': {'kappa': sk, 'balanced_accuracy': 0.4},
-                        'test': {'kappa': sk / 2, 'balanced_accuracy': 0.4}, 'epoch': 2,
-                        'magnification': 2.5, 'factor': 4}}
-  out = reporting.combine_seeds({22: run(22, 0.6, 0.2), 32: run(32, 0.8, 0.4), 43: run(43, 0.7, 0.9)})
-  assert out['seeds'] == [22, 32, 43]
-  s = out['summary']['student']['test']
-  want = np.asarray([0.1, 0.2, 0.45])
-  assert s['kappa_mean'] == pytest.approx(want.mean()) and s['kappa_std'] == pytest.approx(
-      want.std(ddof=1))
-  assert out['student']['test']['kappa'] == pytest.approx(want.mean())
-  assert out['teacher']['epoch'] == [1, 1, 1] and out['student']['magnification'] == 2.5
-  table, rows = reporting.results_markdown(out)
-  assert len(rows) == 8 and 'student (mean ± sample std)' in table
-
-
 def test_missing_dataset_error_propagates_and_keeps_files(tmp_path):
   workdir = tmp_path / 'run'
   config = attn_kd.get_config(f'dataset=sicapv2,data_dir={tmp_path}/nowhere')
@@ -172,6 +114,79 @@ def test_missing_dataset_error_propagates_and_keeps_files(tmp_path):
     train.run(config, str(workdir))
   assert 'nowhere' in str(info.value) or 'manual' in str(info.value).lower(), str(info.value)
   assert marker.read_text() == 'x' and (workdir / 'config.json').is_file()
+
+
+# ----------------------------------------------------------------------------- evaluation
+class FixedLogitsData:
+  """Two eval splits in batches of 4, padded like input_pipeline.Data.eval_batches. Pixel
+  [0, 0, 0] of each image is the class the fake model predicts; padded rows (mask False) carry
+  label 1 and predict 2, so counting them would change every metric."""
+  num_classes = 3
+
+  def __init__(self, splits):
+    self.splits = splits  # split -> (labels, predictions)
+
+  def eval_batches(self, split):
+    labels, preds = (np.asarray(v) for v in self.splits[split])
+    for start in range(0, len(labels), 4):
+      lab, pred = labels[start:start + 4], preds[start:start + 4]
+      pad = 4 - len(lab)
+      image = np.zeros((4, 2, 2, 3), np.uint8)
+      image[:, 0, 0, 0] = np.concatenate([pred, np.full(pad, 2)])
+      yield {'image': image, 'label': np.concatenate([lab, np.ones(pad)]).astype(np.int32),
+             'mask': np.arange(4) < len(lab)}
+
+
+def test_evaluate_on_fixed_logits_by_hand():
+  import jax  # pylint: disable=g-import-not-at-top
+  from camkd_jax import sharding  # pylint: disable=g-import-not-at-top
+  data = FixedLogitsData({'validation': ([0, 1, 2, 2, 1], [0, 2, 2, 1, 1]),
+                          'test': ([2, 2, 0], [2, 2, 0])})
+  eval_step = lambda params, images: 5.0 * jax.nn.one_hot(images[:, 0, 0, 0], 3)
+  out = train.evaluate(eval_step, None, data, sharding.make_mesh())
+  val, test = out['val'], out['test']
+  assert val['confusion_matrix'] == [[1, 0, 0], [0, 1, 1], [0, 1, 1]]
+  assert val['num_examples'] == 5 and val['accuracy'] == pytest.approx(3 / 5)
+  assert val['balanced_accuracy'] == pytest.approx((1 + 1 / 2 + 1 / 2) / 3)
+  # Quadratic kappa: weights (i - j)^2 / 4; observed weighted disagreement 2 * 1/4 = 0.5 (counts);
+  # expected sum_ij w_ij r_i c_j / n with row = column totals (1, 2, 2): 7 / 5. 1 - 0.5 / 1.4.
+  assert val['kappa'] == pytest.approx(9 / 14)
+  assert test['confusion_matrix'] == [[1, 0, 0], [0, 0, 0], [0, 0, 2]]
+  assert (test['accuracy'], test['balanced_accuracy'], test['kappa']) == (1.0, 1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- in process
+def test_train_and_evaluate_in_process(tmp_path):
+  """The smoke config for 3 steps per stage (like flax examples/imagenet/train_test.py)."""
+  config = smoke_config(num_figure_images=0, log_every_steps=1, checkpoint_every_steps=0)
+  workdir = tmp_path / 'run'
+  out = train.train_and_evaluate(config, str(workdir))
+  assert load_json(workdir / 'metrics.json') == json.loads(json.dumps(out))
+  for model in ('teacher', 'student'):
+    report = out[model]
+    assert (report['epoch'], report['step']) == (1, 3)
+    assert [h['step'] for h in report['history']] == [3]
+    for split in ('val', 'test'):
+      r = report[split]
+      cm = np.asarray(r['confusion_matrix'])
+      assert cm.shape == (4, 4) and cm.sum() == r['num_examples'] == 32
+      assert r['accuracy'] == pytest.approx(np.trace(cm) / 32)
+      assert out['summary'][model][split] == {
+          'balanced_accuracy_mean': r['balanced_accuracy'], 'balanced_accuracy_std': 0.0,
+          'kappa_mean': r['kappa'], 'kappa_std': 0.0, 'accuracy_mean': r['accuracy'],
+          'accuracy_std': 0.0}
+  assert set(out['teacher']['train']) == {'loss/ce', 'loss/total', 'grad_norm'}
+  assert set(out['student']['train']) == {'loss/ce', 'loss/fm', 'loss/at', 'loss/total',
+                                          'grad_norm'}
+  train_losses = out['student']['train']
+  assert train_losses['loss/total'] == pytest.approx(
+      train_losses['loss/ce'] + 0.1 * train_losses['loss/fm'] + 10.0 * train_losses['loss/at'])
+  assert (out['student']['magnification'], out['student']['factor']) == (2.5, 4)
+  assert out['seeds'] == [22] and out['teacher']['checkpoint'] == str(workdir / 'teacher')
+  for path in ('teacher', 'student', 'checkpoints/teacher', 'checkpoints/student',
+               'tensorboard/teacher', 'tensorboard/student'):
+    assert (workdir / path).is_dir(), path
+  assert not (workdir / 'figures').exists()  # num_figure_images=0
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -213,7 +228,10 @@ def test_cli_end_to_end_outputs(reference_run):
       rows = cm.sum(1)
       assert r['balanced_accuracy'] == pytest.approx(np.mean(np.diag(cm)[rows > 0] /
                                                              rows[rows > 0]))
-      assert -1 <= r['kappa'] <= 1
+      # Quadratic kappa recomputed from the confusion matrix (closed form, float64).
+      w = (np.arange(4)[:, None] - np.arange(4)[None, :]) ** 2 / 9.0
+      expected = np.outer(cm.sum(1), cm.sum(0)) / n
+      assert r['kappa'] == pytest.approx(1 - (w * cm).sum() / (w * expected).sum(), abs=1e-12)
   assert m['teacher']['epoch'] == 1 and m['student']['epoch'] in (1, 2)
   assert [h['epoch'] for h in m['student']['history']] == [1, 2]
   # The reported student metrics are those of the selected epoch.
@@ -322,7 +340,7 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path, cache_env):
   ckpt = checkpoints.StageCheckpoints(str(workdir / 'checkpoints' / 'teacher'))
   assert ckpt.latest_step() == 1
   import jax  # pylint: disable=g-import-not-at-top
-  from camkd_jax import models, sharding  # pylint: disable=g-import-not-at-top
+  from camkd_jax import distill, models  # pylint: disable=g-import-not-at-top
   config = base.base_config('smoke=1')
   model = models.from_config(config.model, 4)
   params = train.init_params(model, 0, config.image_size)

@@ -1,4 +1,5 @@
-"""Multi-process data parallelism (issue 6): the real CLI as two processes == one process.
+"""camkd_jax.distributed: settings, and multi-process data parallelism (issue 6): the real CLI as
+two processes == one process.
 
 `python -m camkd_jax.main` runs as TWO processes on localhost (CPU backend, gloo collectives, two
 fake devices each, coordinator on a free port chosen at run time) and as ONE process with FOUR

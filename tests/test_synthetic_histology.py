@@ -1,0 +1,95 @@
+"""camkd_jax.datasets.synthetic_histology: label shares, rendering, the TFDS build, errors."""
+import os
+
+import numpy as np
+import pytest
+
+from camkd_jax import datasets
+from camkd_jax.datasets import folder
+from camkd_jax.datasets import sicapv2
+from camkd_jax.datasets import synthetic_histology as sh
+from helpers import data_config
+from helpers import decode_image
+
+
+def test_split_labels_counts_follow_shares():
+  n = 2000
+  labels = sh.split_labels(n, 0, 0)
+  counts = np.bincount(labels, minlength=4)
+  assert counts.sum() == n
+  # Largest-remainder rounding: every count within 1 of n * share.
+  np.testing.assert_array_less(np.abs(counts - n * sh.CLASS_SHARES), 1.0 + 1e-9)
+  np.testing.assert_array_equal(labels, sh.split_labels(n, 0, 0))
+  assert not np.array_equal(labels, sh.split_labels(n, 0, 1))
+
+
+def test_render_patch_deterministic_and_uint8():
+  a = sh.render_patch(np.random.default_rng([0, 0, 5]), 2, 64)
+  b = sh.render_patch(np.random.default_rng([0, 0, 5]), 2, 64)
+  c = sh.render_patch(np.random.default_rng([0, 0, 6]), 2, 64)
+  assert a.dtype == np.uint8 and a.shape == (64, 64, 3)
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(a.astype(int) - c).mean() > 5
+
+
+def test_mean_colour_does_not_depend_on_class():
+  """Per-class mean colour agrees within sampling error (4 standard errors)."""
+  n = 60
+  means = np.array([[sh.render_patch(np.random.default_rng([9, k, i]), k, 64).reshape(-1, 3)
+                     .mean(0) for i in range(n)] for k in range(4)])  # [class, n, 3]
+  spread = means.std(axis=1).mean(0)  # per-image std of the mean colour, per channel
+  grand = means.mean(axis=(0, 1))
+  se = spread / np.sqrt(n)
+  assert np.all(np.abs(means.mean(axis=1) - grand) < 4 * se), (means.mean(axis=1), grand, se)
+  # The region's mean colour is pinned exactly: classes differ far less than images do.
+  assert spread.min() > 5
+
+
+def test_classes_differ_in_fine_structure():
+  """High-frequency energy (what x8 pooling removes) separates the classes; x8 means do not."""
+  def hf(img, f):
+    x = img.astype(np.float64).mean(-1)
+    low = x.reshape(64 // f, f, 64 // f, f).mean((1, 3))
+    return np.abs(x - np.kron(low, np.ones((f, f)))).mean()
+  energy = np.array([[hf(sh.render_patch(np.random.default_rng([3, k, i]), k, 64), 2)
+                      for i in range(20)] for k in range(4)])
+  # G4's dense sieve has more 2-px detail than NC's sparse glands, with no overlap of the means'
+  # 3-standard-error intervals.
+  m, s = energy.mean(1), energy.std(1) / np.sqrt(20)
+  assert m[2] - 3 * s[2] > m[0] + 3 * s[0], (m, s)
+
+
+@pytest.fixture(scope='module')
+def smoke_builder(tmp_path_factory):
+  builder = sh.SyntheticHistology(config='smoke', data_dir=str(tmp_path_factory.mktemp('tfds')))
+  builder.download_and_prepare()
+  return builder
+
+
+def test_synthetic_builder_sizes_and_content(smoke_builder):
+  info = smoke_builder.info
+  assert info.features['label'].names == ['NC', 'G3', 'G4', 'G5']
+  cfg = smoke_builder.builder_config
+  assert {s: info.splits[s].num_examples for s in ('train', 'validation', 'test')} == {
+      'train': cfg.num_train, 'validation': cfg.num_validation, 'test': cfg.num_test}
+  src = datasets.tfds_source.TfdsSource('synthetic_histology', smoke_builder)
+  ex = src.read('validation')
+  # Every stored image is exactly one regenerated from its per-example seed (PNG is lossless).
+  want = {}
+  for i, label in enumerate(sh.split_labels(cfg.num_validation, cfg.seed, 1)):
+    img = sh.render_patch(np.random.default_rng([cfg.seed, 1, i]), int(label), cfg.image_size)
+    want[img.tobytes()] = int(label)
+  got = {decode_image(b).tobytes(): int(y) for b, y in zip(ex.items, ex.labels)}
+  assert got == want
+
+
+def test_synthetic_second_prepare_reuses_cache(smoke_builder):
+  again = sh.SyntheticHistology(config='smoke', data_dir=os.fspath(smoke_builder.data_dir_root))
+  assert again.is_prepared()
+
+
+def test_unknown_dataset_and_size_are_named():
+  with pytest.raises(ValueError, match='known:.*synthetic_histology.*sicapv2.*folder.*table'):
+    datasets.get_source(data_config(name='imagenet'))
+  with pytest.raises(ValueError, match="'huge'.*known: \\['default', 'smoke'\\]"):
+    datasets.get_source(data_config(synthetic_size='huge'))
