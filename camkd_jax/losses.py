@@ -1,4 +1,4 @@
-"""Loss terms of the distillation objective, as pure functions (REFERENCE.md, "Loss terms").
+"""Loss terms of the distillation objective, as pure functions (docs/method.md, "The objective").
 
 Total = CE + a_kd KD + a_fm FM + a_at AT+ + a_sr SR. Every function takes arrays and returns a
 float32 scalar; teacher-side inputs are wrapped in stop_gradient here so callers cannot leak

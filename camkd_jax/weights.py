@@ -19,7 +19,7 @@ A torchvision-layout file is a `.safetensors` or `.npz` holding torchvision's `f
 convolutional trunk is loaded: the reference replaces torchvision's classifier by a new
 Linear(512, num_classes), so `classifier` keeps its fresh initialisation.
 
-To produce the file on a machine that has PyTorch and torchvision (see README):
+To produce the file on a machine that has PyTorch and torchvision (see docs/pretrained.md):
 
     import numpy as np, torchvision
     m = torchvision.models.vgg16(weights='IMAGENET1K_V1')
@@ -53,7 +53,7 @@ def read_weight_file(path: str) -> Dict[str, np.ndarray]:
   """{name: array} from a .npz or .safetensors file."""
   if not os.path.exists(path):
     raise WeightLoadError(f'weight file {path!r} does not exist (config.model.init_weights); '
-                          'see the README section "Pretrained weights" to create it.')
+                          "see docs/pretrained.md to create it, or use init_weights='imagenet'.")
   if path.endswith('.npz'):
     with np.load(path, allow_pickle=False) as f:
       return {k: np.asarray(f[k]) for k in f.files}

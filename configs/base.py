@@ -28,7 +28,7 @@ DATASET_DEFAULTS = {
     'synthetic_histology': dict(input_mean=(0.842, 0.582, 0.733), input_std=(0.123, 0.120, 0.081),
                                 image_size=64, width=0.125, batch_size=32,
                                 num_epochs=12, teacher_epochs=8, eval_batch_size=128),
-    # The paper's protocol (REFERENCE.md): ImageNet VGG16 for teacher and student, x / 255.
+    # The paper's protocol (docs/method.md): ImageNet VGG16 for teacher and student, x / 255.
     'sicapv2': dict(image_size=512, width=1.0, batch_size=32, num_epochs=20,
                     eval_batch_size=64, protocol='paper'),
     'folder': dict(image_size=512, width=1.0, batch_size=32, num_epochs=20,
@@ -129,7 +129,7 @@ def model_config(defaults):
   m.head_init = 'auto'                         # auto (pytorch if pretrained) | normal | pytorch
   # Per-channel input standardisation of the [0, 1] images; () = none (the reference, x / 255).
   # The synthetic default standardises with its train-split statistics: from random init the
-  # low-contrast patches otherwise leave VGG at chance (see README, "Data").
+  # low-contrast patches otherwise leave VGG at chance (see docs/data.md).
   m.input_mean = tuple(defaults.get('input_mean', ()))
   m.input_std = tuple(defaults.get('input_std', ()))
   return m

@@ -6,7 +6,7 @@ every method a student, summarised as mean +/- std over seeds in RESULTS.md plus
   python experiments/reproduce.py --workers=2 --set=num_epochs=8 --set=loss.at=3 --set=loss.fm=0.01
   # how long would the grid take at the benchmark's images/s (distill, teacher, eval)?
   python experiments/reproduce.py --dataset=sicapv2 --estimate=350,455,1365
-  # the same on SICAPv2 with a GPU (defaults of REFERENCE.md: VGG16, 512 px, 20 epochs)
+  # the same on SICAPv2 with a GPU (defaults of docs/method.md: VGG16, 512 px, 20 epochs)
   python experiments/reproduce.py --dataset=sicapv2 --data_dir=/data/sicapv2 \
       --out=experiments/RESULTS_sicapv2.md --workdir=workdirs/study_sicapv2
   # a tiny grid (CI): two cells, a few steps
@@ -133,7 +133,7 @@ def make_config(module, arg, seed, overrides):
   return apply_overrides(config, overrides)
 
 
-# Split sizes (train, validation, test) for --estimate: SICAPv2's Val1 fold (REFERENCE.md) and the
+# Split sizes (train, validation, test) for --estimate: SICAPv2's Val1 fold (docs/method.md) and the
 # embedded default; other datasets: the sizes of the prepared dataset.
 SPLIT_SIZES = {'sicapv2': (7472, 2487, 2122), 'synthetic_histology': (2000, 400, 400)}
 
