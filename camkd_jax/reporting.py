@@ -72,7 +72,7 @@ def text_table(rows: Sequence[Sequence[str]], header: Sequence[str] = HEADER) ->
 
 # ----------------------------------------------------------------------------- run reports
 def summarize_runs(results: List[Dict]) -> Dict[str, Any]:
-  """mean/std over seeds of each model's val/test metrics."""
+  """Mean and sample std over seeds of each model's val/test metrics."""
   out = {}
   for model in ('teacher', 'student'):
     runs = [r[model] for r in results if model in r]
@@ -101,6 +101,7 @@ def combine_seeds(runs: Dict[int, Dict]) -> Dict[str, Any]:
 
 
 def results_markdown(out: Dict[str, Any]) -> Tuple[str, List[List[str]]]:
+  """(markdown table, rows) of metrics.json's `out`: a row per model and seed, then the means."""
   rows = []
   runs = out.get('runs') or {str(out['seeds'][0]): out}
   for seed, r in runs.items():

@@ -46,7 +46,6 @@ DATASETS = ('synthetic_histology', 'sicapv2', 'folder', 'table')
 SELECTION_METRICS = ('kappa', 'balanced_accuracy', 'accuracy')
 
 
-
 # ----------------------------------------------------------------------------- config checks
 def validate_config(config, num_devices: int):
   """Fails early, naming the config key, on anything the run would trip over later."""
@@ -560,9 +559,7 @@ class StageRunner:
             'step': best['step'], 'train': best['train'], 'history': history}
 
 
-
-
-# ----------------------------------------------------------------------------- reports
+# ----------------------------------------------------------------------------- figure
 def save_figure(path, columns, data, num_images, base_magnification):
   """Validation images with each model's input view and Grad-CAM map of the true class; a column
   of factor f > 1 is titled with its magnification, base_magnification / f."""
