@@ -39,3 +39,20 @@ def test_magnification_factor(m, f):
 def test_magnification_factor_rejects(m):
   with pytest.raises((ValueError, ZeroDivisionError)):
     ops.magnification_factor(m)
+
+
+def test_native_view_is_the_pooled_image_at_its_own_size():
+  x = np.random.RandomState(1).uniform(0, 1, (2, 16, 16, 3)).astype(np.float32)
+  for f in (2, 4):
+    got = np.asarray(ops.student_view(jnp.asarray(x), f, 'native'))
+    assert got.shape == (2, 16 // f, 16 // f, 3)
+    np.testing.assert_allclose(got, ref.avg_pool(x, f), rtol=1e-6, atol=1e-7)
+    up = np.asarray(ops.student_view(jnp.asarray(x), f, 'upsampled'))
+    np.testing.assert_allclose(up, ref.bilinear_align_corners(ref.avg_pool(x, f), 16, 16),
+                               rtol=1e-5, atol=1e-6)
+  assert ops.student_input_size(512, 4, 'native') == 128
+  assert ops.student_input_size(512, 4, 'upsampled') == 512
+  with pytest.raises(ValueError, match="unknown student view 'full'"):
+    ops.student_view(jnp.asarray(x), 2, 'full')
+
+

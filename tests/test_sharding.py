@@ -25,8 +25,8 @@ sp = distill.init_params(model, jax.random.PRNGKey(1), 32)
 r = np.random.RandomState(0)
 batch = {'image': r.randint(0, 256, (8, 32, 32, 3)).astype(np.uint8),
          'label': (np.arange(8) % 4).astype(np.int32)}
-cfg = distill.StepConfig(factor=4, weights=(('ce', 1.), ('kd', 1.), ('fm', .1), ('at', 10.),
-                                            ('sr', 1.)), augment=AUG)
+cfg = distill.StepConfig(factor=FACTOR, view=VIEW, augment=AUG,
+                         weights=(('ce', 1.), ('kd', 1.), ('fm', .1), ('at', 10.), ('sr', 1.)))
 out = {}
 for name, devs in (('one', jax.devices()[:1]), ('four', jax.devices())):
   mesh = sharding.make_mesh(devs)
@@ -36,17 +36,23 @@ for name, devs in (('one', jax.devices()[:1]), ('four', jax.devices())):
   tpr = sharding.replicate(tp, mesh)
   for _ in range(2):
     state, m = step(state, tpr, sharding.shard_batch(batch, mesh))
+  logits = distill.make_eval_step(model, FACTOR, mesh, VIEW)(
+      state['params'], sharding.shard_batch(batch, mesh)['image'])
   out[name] = (jax.tree_util.tree_map(np.asarray, state['params']),
-               {k: float(v) for k, v in m.items()})
-pa, ma = out['one']; pb, mb = out['four']
+               {k: float(v) for k, v in m.items()}, np.asarray(logits))
+(pa, ma, la), (pb, mb, lb) = out['one'], out['four']
 for k in ma:
   np.testing.assert_allclose(ma[k], mb[k], rtol=2e-4, atol=1e-6, err_msg=k)
+np.testing.assert_allclose(la, lb, rtol=1e-3, atol=1e-5)
 jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6), pa, pb)
 print('OK', json.dumps(ma))
 '''
 
 
-def test_sharded_equals_unsharded(python_runner):
-  out = python_runner(SHARDED.replace('AUG', 'augment.AugmentParams()'),
-                      {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+@pytest.mark.parametrize('view,factor', [('upsampled', 4), ('native', 2)])
+def test_sharded_equals_unsharded(python_runner, view, factor):
+  """Two steps and the eval logits on 4 devices equal 1 device (a native student too)."""
+  script = (SHARDED.replace('AUG', 'augment.AugmentParams()').replace('FACTOR', str(factor))
+            .replace('VIEW', repr(view)))
+  out = python_runner(script, {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
   assert out.startswith('OK'), out

@@ -18,6 +18,7 @@ import pytest
 from configs import attn_kd
 from configs import base
 from camkd_jax import checkpoints
+from camkd_jax import ops
 from camkd_jax import train
 from camkd_jax import workdir as workdir_lib
 from helpers import load_json
@@ -351,3 +352,48 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path, cache_env):
   assert int(state['step']) == 1 and int(state['bad_step']) == -1
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(state))
   assert progress['best'] is None and progress['history'] == []
+
+
+# ----------------------------------------------------------------------------- native students
+@pytest.mark.parametrize('mag,size,ok', [(5.0, 64, True), (2.5, 64, True), (1.25, 64, False),
+                                         (0.3125, 512, True), (0.3125, 256, False)])
+def test_native_input_under_16_px_is_refused_naming_the_sizes(mag, size, ok):
+  c = attn_kd.get_config(f'magnification={mag}')
+  c.image_size = size
+  c.student.view = 'native'
+  if ok:
+    train.validate_view(c, ops.magnification_factor(mag))
+    return
+  f = ops.magnification_factor(mag)
+  with pytest.raises(ValueError, match=rf'{size // f}x{size // f} px inputs .*'
+                                       rf'image_size={size} / factor {f}.*at least 16x16'):
+    train.validate_config(c, 1)
+
+
+def test_unknown_view_is_refused():
+  c = attn_kd.get_config()
+  c.student.view = 'full'
+  with pytest.raises(ValueError, match=r"unknown config.student.view 'full'"):
+    train.validate_config(c, 1)
+
+
+@pytest.mark.slow
+def test_native_student_end_to_end(tmp_path):
+  """The driver with a native 5x student (16 px inputs from 32 px smoke images): report, exported
+  metadata and figure say native, and the student was evaluated on its own view."""
+  import json  # pylint: disable=g-import-not-at-top
+  from camkd_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  c = attn_kd.get_config('smoke=1,magnification=5')
+  c.student.view = 'native'
+  c.num_figure_images = 2
+  out = train.run(c, str(tmp_path))
+  assert out['student']['view'] == 'native' and out['student']['factor'] == 2
+  meta = checkpoints.read_metadata(str(tmp_path / 'student'))
+  assert meta['view'] == 'native' and meta['report']['view'] == 'native'
+  assert checkpoints.read_metadata(str(tmp_path / 'teacher'))['view'] == 'upsampled'
+  with open(tmp_path / 'figures' / 'gradcam.png', 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  saved = json.loads((tmp_path / 'config.json').read_text())
+  assert saved['student']['view'] == 'native'
+  cm = np.asarray(out['student']['test']['confusion_matrix'])
+  assert cm.sum() == out['student']['test']['num_examples'] == 32
