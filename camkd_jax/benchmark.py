@@ -375,6 +375,20 @@ def _init_fn(model, image_size):
   return lambda rng: distill.init_params(model, rng, size)
 
 
+def _numpy_params(init, key, seed):
+  """Parameters of `init`'s shapes drawn with NumPy: He-normal (fan-in) kernels, zero biases.
+  The timings do not depend on the values, and no PRNG init kernels get compiled (tens of
+  seconds per model on a busy 2-core CPU)."""
+  rng = np.random.default_rng(seed)
+
+  def leaf(s):
+    if len(s.shape) < 2:
+      return np.zeros(s.shape, np.float32)
+    std = np.sqrt(2.0 / np.prod(s.shape[:-1]))
+    return (std * rng.standard_normal(s.shape)).astype(np.float32)
+  return jax.tree_util.tree_map(leaf, jax.eval_shape(init, key))
+
+
 def _batch(rng: np.random.Generator, batch, size):
   return {'image': rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
           'label': rng.integers(0, NUM_CLASSES, (batch,), dtype=np.int32)}
@@ -400,7 +414,7 @@ def build_program(case: Case, args, mesh) -> Program:
                 jax.ShapeDtypeStruct((args.eval_batch_size, size, size, 3), jnp.uint8))
 
     def make_args():
-      params = sharding.replicate(jax.jit(init)(key), mesh)
+      params = sharding.replicate(_numpy_params(init, key, args.seed), mesh)
       images = _batch(np_rng, args.eval_batch_size, size)['image']
       return params, sharding.shard_batch({'image': images}, mesh)['image']
     return Program(fn, abstract, make_args, False, args.eval_batch_size)
@@ -420,8 +434,11 @@ def build_program(case: Case, args, mesh) -> Program:
               _abstract_batch(args.batch_size, size))
 
   def make_args():
-    state = sharding.replicate(jax.jit(make_state)(), mesh)
-    tparams = sharding.replicate(jax.jit(tinit)(tkey), mesh) if tinit else None
+    params = _numpy_params(init, skey, args.seed)
+    state = sharding.replicate(jax.jit(lambda p: distill.create_train_state(p, tx, rkey))(
+        params), mesh)
+    tparams = (sharding.replicate(_numpy_params(tinit, tkey, args.seed + 1), mesh)
+               if tinit else None)
     # Two different batches alternate, so no step can reuse a cached result.
     batches = [sharding.shard_batch(_batch(np_rng, args.batch_size, size), mesh)
                for _ in range(2)]
@@ -581,20 +598,24 @@ def run_case(case: Case, args, mesh, device_kind: str) -> Dict:
 
 def run_interleaved(compiled_cases, args, device_kind, on_round=None) -> List[Dict]:
   """Times the compiled cases in --rounds rounds, one block of --steps steps per case per round
-  (warm-up in every round), so slow phases of a shared machine fall on every case alike."""
+  (warm-up in every round), so slow phases of a shared machine fall on every case alike.
+  on_round(r, rows) is called after each round with the rows so far."""
   runners = [Runner(compiled, prog) for _, compiled, prog in compiled_cases]
   acc = [dict(times=[], cpu=[], totals=[]) for _ in runners]
+
+  def rows(finite):
+    return [add_timings(dict(row), args, a['times'], a['cpu'], a['totals'], finite(one),
+                        prog.batch, device_kind)
+            for (row, _, prog), one, a in zip(compiled_cases, runners, acc)]
   for r in range(args.rounds):
     for one, a in zip(runners, acc):
       times, cpu_times, total = time_steps(one, args.steps, args.warmup, not args.no_pipelined)
       a['times'] += times
       a['cpu'] += cpu_times
       a['totals'].append(total)
-    if on_round:
-      on_round(r)
-  return [add_timings(row, args, a['times'], a['cpu'], a['totals'], one.finite(), prog.batch,
-                      device_kind)
-          for (row, _, prog), one, a in zip(compiled_cases, runners, acc)]
+    if on_round:  # the rounds so far (finiteness unchecked: None), e.g. to save them
+      on_round(r, rows(lambda one: None))
+  return rows(lambda one: one.finite())
 
 
 def _finish(row, args, device_kind):
@@ -688,7 +709,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     print(f'# done {case.label}: ' + _summary(row), flush=True)
     _write_json(result, args.json_out)  # after every case: a later crash loses nothing
   if interleave:
-    report = lambda r: print(f'# round {r + 1}/{args.rounds} timed', flush=True)
+    def report(r, rows):
+      print(f'# round {r + 1}/{args.rounds} timed', flush=True)
+      _write_json(dict(result, rows=rows, rounds_done=r + 1), args.json_out)
     result['rows'] = run_interleaved(compiled_cases, args, env['device_kind'], report)
     for row in result['rows']:
       print(f'# timed {row["label"]}: ' + _summary(row), flush=True)
