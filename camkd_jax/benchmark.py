@@ -9,7 +9,11 @@ parameters, Adam, donated train state, device-resident random uint8 batches plac
   teacher  the teacher's own training step (CE only, factor 1);
   eval     the student's eval forward (student view + logits).
 
-For each (program, terms, dtype) it reports compile time, median / min / mean step time after
+The student of distill and eval sees either the reference view ('upsampled': pooled by f, then
+upsampled back to the teacher's size) or the native one (the pooled image at S / f), --views;
+--factors sweeps f. The teacher program has no view.
+
+For each (program, terms, dtype, view, factor) it reports compile time, median / min / mean step time after
 warm-up, images/s (= batch / median), the FLOPs of the compiled program from XLA's cost analysis,
 an analytic convolution count for VGG, the achieved TFLOP/s and its fraction of a known peak.
 Output: one markdown table row per configuration on stdout, and JSON with --json_out.
@@ -21,6 +25,9 @@ CPU smoke test:
       --warmup=1
 FLOPs only, nothing executed (lower + compile; e.g. the full-size program on a CPU):
   python -m camkd_jax.benchmark --compile_only --programs=distill,teacher,eval
+Native against upsampled students at f = 2, 4, 8 on a shared CPU, interleaved round by round:
+  python -m camkd_jax.benchmark --image_size=128 --width=0.25 --batch_size=8 --steps=3 \
+      --rounds=5 --programs=distill,eval --dtypes=float32 --views=upsampled,native --factors=2,4,8
 Every GPU measurement of experiments/BENCHMARKS.md, prioritised, in < 8 minutes:
   python -m camkd_jax.benchmark --suite=gpu --time_budget_s=420 --json_out=FILE.json
 
@@ -43,11 +50,13 @@ import numpy as np
 
 from camkd_jax import distill
 from camkd_jax import models
+from camkd_jax import ops
 from camkd_jax import sharding
 
 NUM_CLASSES = 4  # NC, G3, G4, G5
 PROGRAMS = ('distill', 'teacher', 'eval')
 DTYPES = ('float32', 'bfloat16')
+MIN_NATIVE_SIZE = 16  # four 2x2 pools before VGG's block5
 
 # Dense peak rates in TFLOP/s per chip. Matched in order against the lower-cased
 # `device_kind`, so more specific names come first. Keys: bfloat16, tf32 (NVIDIA tensor cores,
@@ -88,6 +97,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--image_size', type=int, default=512, help='teacher input size (pixels)')
   p.add_argument('--factor', type=int, default=4,
                  help='student down-sampling factor (2.5x of 10x -> 4); teacher program uses 1')
+  p.add_argument('--factors', default='',
+                 help='comma-separated factors to sweep, e.g. 2,4,8 (overrides --factor for the '
+                      'distill and eval programs)')
+  p.add_argument('--views', default='upsampled',
+                 help=f'comma-separated student views of the distill and eval programs, from '
+                      f'{",".join(ops.VIEWS)} (the teacher program has none)')
   p.add_argument('--batch_size', type=int, default=32, help='global batch')
   p.add_argument('--eval_batch_size', type=int, default=0, help='0 = --batch_size')
   p.add_argument('--a_kd', type=float, default=1.0, help='weight of KD when on')
@@ -104,6 +119,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument('--learning_rate', type=float, default=1e-4)
   p.add_argument('--steps', type=int, default=30, help='timed steps (after warm-up)')
   p.add_argument('--warmup', type=int, default=3, help='untimed steps after compilation')
+  p.add_argument('--rounds', type=int, default=1,
+                 help='time every configuration in this many rounds of --steps steps, the '
+                      'configurations interleaved round by round (all compiled first), so that '
+                      'a shared machine\'s load hits all of them alike; medians over all rounds')
   p.add_argument('--no_pipelined', action='store_true',
                  help='skip the extra timing of --steps steps dispatched back to back')
   p.add_argument('--compile_only', action='store_true',
@@ -138,6 +157,11 @@ def _split(text):
 def _check_args(parser, args):
   """Normalises list flags and rejects bad values with a message naming the flag."""
   args.programs = _split(args.programs)
+  args.views = _split(args.views)
+  try:
+    args.factors = [int(f) for f in _split(args.factors)] or [args.factor]
+  except ValueError:
+    parser.error(f'--factors={args.factors!r}: expected comma-separated integers, e.g. 2,4,8')
   args.dtypes = _split(args.dtypes)
   args.terms = [tuple(_split(t)) for t in (args.terms or ['ce,fm,at'])]
   bad = [x for x in args.programs if x not in PROGRAMS]
@@ -150,13 +174,22 @@ def _check_args(parser, args):
     bad = [t for t in terms if t not in distill.TERMS]
     if bad or not terms:
       parser.error(f'--terms={",".join(terms)}: unknown {bad}; choose from {list(distill.TERMS)}')
-  for name in ('steps', 'batch_size', 'image_size', 'factor'):
+  bad = [v for v in args.views if v not in ops.VIEWS]
+  if bad or not args.views:
+    parser.error(f'--views: unknown {bad}; choose from {list(ops.VIEWS)}')
+  for name in ('steps', 'batch_size', 'image_size', 'factor', 'rounds'):
     if getattr(args, name) < 1:
       parser.error(f'--{name} must be >= 1, got {getattr(args, name)}')
   if args.warmup < 0:
     parser.error(f'--warmup must be >= 0, got {args.warmup}')
-  if args.image_size % args.factor:
-    parser.error(f'--image_size={args.image_size} is not divisible by --factor={args.factor}')
+  for f in args.factors:
+    if f < 1 or args.image_size % f:
+      parser.error(f'--image_size={args.image_size} is not divisible by factor {f} '
+                   '(--factor / --factors)')
+    if 'native' in args.views and args.image_size // f < MIN_NATIVE_SIZE:
+      parser.error(f'--views=native: the native student input {args.image_size} / {f} = '
+                   f'{args.image_size // f} px is under {MIN_NATIVE_SIZE} px (VGG has no block5 '
+                   'map there); raise --image_size or lower the factor')
   args.eval_batch_size = args.eval_batch_size or args.batch_size
 
 
@@ -221,42 +254,66 @@ def vgg_conv_flops(image_size: int, width: float, channels=None, num_classes=NUM
 
 
 def analytic_flops(program, terms, model_name, image_size, width, batch,
-                   exact_padding=True) -> Optional[float]:
+                   exact_padding=True, student_size=None) -> Optional[float]:
   """Conv + head FLOPs of one step: forward F, backward 2F minus the unneeded input gradient of
-  the first conv; the teacher of a distill step adds one forward. Grad-CAM is taken as free,
-  which holds for AT+ at block5 (its VJP only goes through the pooling and the head; at an
-  earlier layer it would add a partial backward per model). None for non-VGG models."""
+  the first conv; the teacher of a distill step adds one forward at `image_size`. The student
+  (distill, eval) runs at `student_size` (default `image_size`; S / f for a native student).
+  Grad-CAM is taken as free, which holds for AT+ at block5 (its VJP only goes through the
+  pooling and the head; at an earlier layer it would add a partial backward per model). None for
+  non-VGG models."""
   if model_name != 'vgg16':
     return None
-  fwd, first_dgrad = vgg_conv_flops(image_size, width, exact_padding=exact_padding)
+  size = image_size if program == 'teacher' else (student_size or image_size)
+  fwd, first_dgrad = vgg_conv_flops(size, width, exact_padding=exact_padding)
   if program == 'eval':
     per_image = fwd
   else:
     per_image = 3 * fwd - first_dgrad
     if program == 'distill' and any(t != 'ce' for t in terms):
-      per_image += fwd
+      per_image += vgg_conv_flops(image_size, width, exact_padding=exact_padding)[0]
   return per_image * batch
 
 
 # ----------------------------------------------------------------------------- programs
 @dataclasses.dataclass(frozen=True)
 class Case:
+  """One configuration. factor 0 = --factor; view and factor are ignored by the teacher program
+  (its input is the full-resolution image)."""
   program: str
   dtype: str
   terms: Tuple[str, ...] = ()
+  view: str = 'upsampled'
+  factor: int = 0
 
   @property
   def name(self):
     return f'distill[{"+".join(self.terms)}]' if self.program == 'distill' else self.program
 
+  @property
+  def label(self):
+    """Name and dtype, plus the view and factor where they are not the defaults."""
+    extra = '' if self.program == 'teacher' else (
+        (f' {self.view}' if self.view != 'upsampled' else '') +
+        (f' f={self.factor}' if self.factor else ''))
+    return f'{self.name} {self.dtype}{extra}'
+
+  def student_factor(self, args) -> int:
+    return 1 if self.program == 'teacher' else (self.factor or args.factor)
+
 
 _PAPER = ('ce', 'fm', 'at')
 # Prioritised: the targets first, then the cost of AT+ and the teacher; with
 # --time_budget_s the tail is what gets dropped.
+# The native students (issue 13) come right after their upsampled bf16 counterparts at f = 4,
+# so the first GPU run compares them within its budget; the f = 2, 8 native steps follow the
+# float32 targets (an upsampled step costs the same at every f: its student runs at S).
 SUITES = {
     'gpu': (
-        Case('distill', 'bfloat16', _PAPER), Case('distill', 'float32', _PAPER),
-        Case('eval', 'bfloat16'), Case('eval', 'float32'),
+        Case('distill', 'bfloat16', _PAPER), Case('distill', 'bfloat16', _PAPER, 'native'),
+        Case('eval', 'bfloat16'), Case('eval', 'bfloat16', (), 'native'),
+        Case('distill', 'float32', _PAPER), Case('eval', 'float32'),
+        Case('distill', 'bfloat16', _PAPER, 'native', 2),
+        Case('distill', 'bfloat16', _PAPER, 'native', 8),
         Case('distill', 'bfloat16', ('ce', 'fm')), Case('teacher', 'bfloat16', ('ce',)),
         Case('distill', 'float32', ('ce', 'fm')), Case('teacher', 'float32', ('ce',)),
     ),
@@ -264,17 +321,19 @@ SUITES = {
 
 
 def cases_from_args(args) -> List[Case]:
+  """The configurations, by dtype, program, terms, factor, view (the teacher once per dtype).
+  A single factor is left as 0 (= --factor) so that labels stay short."""
   if args.suite:
     return list(SUITES[args.suite])
+  factors = [0] if args.factors == [args.factor] else args.factors
   out = []
   for dtype in args.dtypes:
     for program in args.programs:
-      if program == 'distill':
-        out.extend(Case(program, dtype, terms) for terms in args.terms)
-      elif program == 'teacher':
+      if program == 'teacher':
         out.append(Case(program, dtype, ('ce',)))
-      else:
-        out.append(Case(program, dtype, ()))
+        continue
+      for terms in (args.terms if program == 'distill' else [()]):
+        out.extend(Case(program, dtype, terms, view, f) for f in factors for view in args.views)
   return out
 
 
@@ -295,8 +354,8 @@ def step_config(case: Case, args) -> distill.StepConfig:
   from camkd_jax import saliency  # pylint: disable=g-import-not-at-top
   spec = saliency.build(map_name=args.at_map, layers=(args.at_layer,))
   return distill.StepConfig(
-      factor=args.factor, weights=tuple((t, weight[t]) for t in case.terms),
-      fm_layer='block5', saliency=spec, augment=aug)
+      factor=case.student_factor(args), weights=tuple((t, weight[t]) for t in case.terms),
+      fm_layer='block5', saliency=spec, augment=aug, view=case.view)
 
 
 @dataclasses.dataclass
@@ -314,6 +373,20 @@ def _init_fn(model, image_size):
   # init image keeps initialisation cheap; 32 px still reaches block5.
   size = min(image_size, 32)
   return lambda rng: distill.init_params(model, rng, size)
+
+
+def _numpy_params(init, key, seed):
+  """Parameters of `init`'s shapes drawn with NumPy: He-normal (fan-in) kernels, zero biases.
+  The timings do not depend on the values, and no PRNG init kernels get compiled (tens of
+  seconds per model on a busy 2-core CPU)."""
+  rng = np.random.default_rng(seed)
+
+  def leaf(s):
+    if len(s.shape) < 2:
+      return np.zeros(s.shape, np.float32)
+    std = np.sqrt(2.0 / np.prod(s.shape[:-1]))
+    return (std * rng.standard_normal(s.shape)).astype(np.float32)
+  return jax.tree_util.tree_map(leaf, jax.eval_shape(init, key))
 
 
 def _batch(rng: np.random.Generator, batch, size):
@@ -336,12 +409,12 @@ def build_program(case: Case, args, mesh) -> Program:
 
   if case.program == 'eval':
     sharding.check_batch_size(args.eval_batch_size, mesh, 'eval_batch_size')
-    fn = distill.make_eval_step(model, args.factor, mesh)
+    fn = distill.make_eval_step(model, case.student_factor(args), mesh, case.view)
     abstract = (jax.eval_shape(init, key),
                 jax.ShapeDtypeStruct((args.eval_batch_size, size, size, 3), jnp.uint8))
 
     def make_args():
-      params = sharding.replicate(jax.jit(init)(key), mesh)
+      params = sharding.replicate(_numpy_params(init, key, args.seed), mesh)
       images = _batch(np_rng, args.eval_batch_size, size)['image']
       return params, sharding.shard_batch({'image': images}, mesh)['image']
     return Program(fn, abstract, make_args, False, args.eval_batch_size)
@@ -361,8 +434,11 @@ def build_program(case: Case, args, mesh) -> Program:
               _abstract_batch(args.batch_size, size))
 
   def make_args():
-    state = sharding.replicate(jax.jit(make_state)(), mesh)
-    tparams = sharding.replicate(jax.jit(tinit)(tkey), mesh) if tinit else None
+    params = _numpy_params(init, skey, args.seed)
+    state = sharding.replicate(jax.jit(lambda p: distill.create_train_state(p, tx, rkey))(
+        params), mesh)
+    tparams = (sharding.replicate(_numpy_params(tinit, tkey, args.seed + 1), mesh)
+               if tinit else None)
     # Two different batches alternate, so no step can reuse a cached result.
     batches = [sharding.shard_batch(_batch(np_rng, args.batch_size, size), mesh)
                for _ in range(2)]
@@ -377,24 +453,37 @@ def _timed(fn):
   return out, time.perf_counter() - t0
 
 
-def time_program(compiled, prog: Program, steps: int, warmup: int, pipelined: bool):
+class Runner:
+  """Calls a compiled program on its device-resident arguments, made once (train steps carry
+  their donated state from call to call and alternate two batches, so no step can reuse a
+  cached result)."""
+
+  def __init__(self, compiled, prog: Program):
+    self.prog, self.compiled, self.calls = prog, compiled, 0
+    if prog.carries_state:
+      self.state, self.tparams, self.batches = prog.make_args()
+    else:
+      self.params, self.images = prog.make_args()
+
+  def __call__(self):
+    if not self.prog.carries_state:
+      return self.compiled(self.params, self.images)
+    batch = self.batches[self.calls % len(self.batches)]
+    self.calls += 1
+    self.state, metrics = self.compiled(self.state, self.tparams, batch)
+    return self.state, metrics
+
+  def finite(self) -> bool:
+    out = self()
+    if self.prog.carries_state:
+      return int(jax.device_get(out[0]['bad_step'])) < 0
+    return bool(np.all(np.isfinite(np.asarray(jax.device_get(out)))))
+
+
+def time_steps(one, steps: int, warmup: int, pipelined: bool):
   """Per-step wall seconds, per-step process CPU seconds (all threads: on a shared CPU the
-  contention-robust measure of the work; on an accelerator the host's share), seconds for
-  `steps` steps dispatched back to back (or None), and whether the state stayed finite."""
-  if prog.carries_state:
-    state, tparams, batches = prog.make_args()
-    counter = [0]
-
-    def one():
-      nonlocal state
-      batch = batches[counter[0] % len(batches)]
-      counter[0] += 1
-      state, metrics = compiled(state, tparams, batch)
-      return state, metrics
-  else:
-    params, images = prog.make_args()
-    one = lambda: compiled(params, images)
-
+  contention-robust measure of the work; on an accelerator the host's share) and seconds for
+  `steps` steps dispatched back to back (or None)."""
   for _ in range(warmup):
     jax.block_until_ready(one())
   times, cpu_times = [], []
@@ -411,12 +500,14 @@ def time_program(compiled, prog: Program, steps: int, warmup: int, pipelined: bo
         out = one()
       return jax.block_until_ready(out)
     _, total = _timed(run_all)
-  out = one()
-  if prog.carries_state:
-    finite = int(jax.device_get(out[0]['bad_step'])) < 0
-  else:
-    finite = bool(np.all(np.isfinite(np.asarray(jax.device_get(out)))))
-  return times, cpu_times, total, finite
+  return times, cpu_times, total
+
+
+def time_program(compiled, prog: Program, steps: int, warmup: int, pipelined: bool):
+  """time_steps of a fresh Runner, and whether its output (the train state) stayed finite."""
+  one = Runner(compiled, prog)
+  times, cpu_times, total = time_steps(one, steps, warmup, pipelined)
+  return times, cpu_times, total, one.finite()
 
 
 def _cost_analysis(stage):
@@ -446,22 +537,27 @@ def _peak_device_bytes():
   return int(stats['peak_bytes_in_use']) if stats and 'peak_bytes_in_use' in stats else None
 
 
-def run_case(case: Case, args, mesh, device_kind: str) -> Dict:
-  """Builds, lowers, compiles and (unless asked not to) times one configuration."""
+def compile_case(case: Case, args, mesh, device_kind: str):
+  """Builds, lowers and (unless --lower_only) compiles one configuration: (row, compiled or
+  None, Program). The row holds everything but the timings."""
   prog = build_program(case, args, mesh)
-  row = dict(program=case.program, name=case.name, terms=','.join(case.terms),
-             dtype=case.dtype, model=args.model, width=args.width,
-             image_size=args.image_size,
-             factor=1 if case.program == 'teacher' else args.factor,
+  factor = case.student_factor(args)
+  view = None if case.program == 'teacher' else case.view
+  row = dict(program=case.program, name=case.name, label=case.label, terms=','.join(case.terms),
+             dtype=case.dtype, model=args.model, width=args.width, view=view,
+             image_size=args.image_size, factor=factor,
+             student_size=(ops.student_input_size(args.image_size, factor, view)
+                           if view else None),
              batch_size=prog.batch, augment=(case.program != 'eval' and not args.no_augment),
              matmul_precision=args.matmul_precision)
   lowered, row['lower_s'] = _timed(lambda: prog.jitted.lower(*prog.abstract_args))
   row['flops_unoptimized'] = flops_from_cost(_cost_analysis(lowered))
   row['analytic_flops'] = analytic_flops(case.program, case.terms, args.model,
-                                         args.image_size, args.width, prog.batch)
+                                         args.image_size, args.width, prog.batch,
+                                         student_size=row['student_size'])
   if args.lower_only:
     row['flops'], row['flops_source'] = row['flops_unoptimized'], 'lowered'
-    return _finish(row, args, device_kind)
+    return _finish(row, args, device_kind), None, prog
   compiled, row['compile_s'] = _timed(lowered.compile)
   cost = _cost_analysis(compiled)
   row['flops'], row['flops_source'] = flops_from_cost(cost), 'compiled'
@@ -473,19 +569,53 @@ def run_case(case: Case, args, mesh, device_kind: str) -> Dict:
     row['flops'], row['flops_source'] = row['flops_unoptimized'], 'lowered'
   row['bytes_accessed'] = _cost_value(cost, 'bytes accessed')
   row.update(_memory(compiled))
-  if args.compile_only:
-    return _finish(row, args, device_kind)
+  return _finish(row, args, device_kind), compiled, prog
 
-  times, cpu_times, total, finite = time_program(compiled, prog, args.steps, args.warmup,
-                                                 not args.no_pipelined)
-  row.update(steps=args.steps, warmup=args.warmup, finite=finite,
+
+def add_timings(row, args, times, cpu_times, totals, finite, batch, device_kind):
+  """Medians etc. of all timed steps (over every round) into the row."""
+  row.update(steps=len(times), rounds=args.rounds, warmup=args.warmup, finite=finite,
              step_ms_median=1e3 * statistics.median(times), step_ms_min=1e3 * min(times),
              step_ms_mean=1e3 * statistics.fmean(times),
              host_cpu_ms_median=1e3 * statistics.median(cpu_times))
-  row['images_per_s'] = prog.batch / (row['step_ms_median'] / 1e3)
-  row['pipelined_images_per_s'] = (prog.batch * args.steps / total) if total else None
+  row['images_per_s'] = batch / (row['step_ms_median'] / 1e3)
+  totals = [t for t in totals if t]
+  row['pipelined_images_per_s'] = (batch * args.steps / statistics.median(totals)
+                                   if totals else None)
   row['peak_device_bytes'] = _peak_device_bytes()
   return _finish(row, args, device_kind)
+
+
+def run_case(case: Case, args, mesh, device_kind: str) -> Dict:
+  """Builds, lowers, compiles and (unless asked not to) times one configuration."""
+  row, compiled, prog = compile_case(case, args, mesh, device_kind)
+  if compiled is None or args.compile_only:
+    return row
+  times, cpu_times, total, finite = time_program(compiled, prog, args.steps, args.warmup,
+                                                 not args.no_pipelined)
+  return add_timings(row, args, times, cpu_times, [total], finite, prog.batch, device_kind)
+
+
+def run_interleaved(compiled_cases, args, device_kind, on_round=None) -> List[Dict]:
+  """Times the compiled cases in --rounds rounds, one block of --steps steps per case per round
+  (warm-up in every round), so slow phases of a shared machine fall on every case alike.
+  on_round(r, rows) is called after each round with the rows so far."""
+  runners = [Runner(compiled, prog) for _, compiled, prog in compiled_cases]
+  acc = [dict(times=[], cpu=[], totals=[]) for _ in runners]
+
+  def rows(finite):
+    return [add_timings(dict(row), args, a['times'], a['cpu'], a['totals'], finite(one),
+                        prog.batch, device_kind)
+            for (row, _, prog), one, a in zip(compiled_cases, runners, acc)]
+  for r in range(args.rounds):
+    for one, a in zip(runners, acc):
+      times, cpu_times, total = time_steps(one, args.steps, args.warmup, not args.no_pipelined)
+      a['times'] += times
+      a['cpu'] += cpu_times
+      a['totals'].append(total)
+    if on_round:  # the rounds so far (finiteness unchecked: None), e.g. to save them
+      on_round(r, rows(lambda one: None))
+  return rows(lambda one: one.finite())
 
 
 def _finish(row, args, device_kind):
@@ -507,7 +637,8 @@ def _finish(row, args, device_kind):
 # ----------------------------------------------------------------------------- reporting
 COLUMNS = (
     ('program', 'name', '{}'), ('dtype', 'dtype', '{}'), ('batch', 'batch_size', '{}'),
-    ('image', 'image_size', '{}'), ('f', 'factor', '{}'), ('width', 'width', '{:g}'),
+    ('image', 'image_size', '{}'), ('f', 'factor', '{}'), ('view', 'view', '{}'),
+    ('width', 'width', '{:g}'),
     ('compile s', 'compile_s', '{:.1f}'), ('median ms', 'step_ms_median', '{:.2f}'),
     ('min ms', 'step_ms_min', '{:.2f}'), ('host CPU ms', 'host_cpu_ms_median', '{:.1f}'),
     ('images/s', 'images_per_s', '{:.1f}'),
@@ -559,19 +690,31 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         f'jax {env["jax_version"]}, flax {env["flax_version"]}', flush=True)
   result = dict(env, argv=list(sys.argv[1:] if argv is None else argv), rows=[], skipped=[])
   start = time.perf_counter()
+  interleave = args.rounds > 1 and not (args.compile_only or args.lower_only)
+  compiled_cases = []
   for case in cases_from_args(args):
     if args.time_budget_s and time.perf_counter() - start > args.time_budget_s:
-      result['skipped'].append(f'{case.name} {case.dtype}')
-      print(f'# skipped {case.name} {case.dtype}: --time_budget_s={args.time_budget_s:g} '
-            'spent', flush=True)
+      result['skipped'].append(case.label)
+      print(f'# skipped {case.label}: --time_budget_s={args.time_budget_s:g} spent', flush=True)
       continue
     precision = (jax.default_matmul_precision(args.matmul_precision)
                  if args.matmul_precision else contextlib.nullcontext())
     with precision:
-      row = run_case(case, args, mesh, env['device_kind'])
+      if interleave:
+        compiled_cases.append(compile_case(case, args, mesh, env['device_kind']))
+        row = compiled_cases[-1][0]
+      else:
+        row = run_case(case, args, mesh, env['device_kind'])
     result['rows'].append(row)
-    print(f'# done {case.name} {case.dtype}: ' + _summary(row), flush=True)
+    print(f'# done {case.label}: ' + _summary(row), flush=True)
     _write_json(result, args.json_out)  # after every case: a later crash loses nothing
+  if interleave:
+    def report(r, rows):
+      print(f'# round {r + 1}/{args.rounds} timed', flush=True)
+      _write_json(dict(result, rows=rows, rounds_done=r + 1), args.json_out)
+    result['rows'] = run_interleaved(compiled_cases, args, env['device_kind'], report)
+    for row in result['rows']:
+      print(f'# timed {row["label"]}: ' + _summary(row), flush=True)
   result['total_s'] = time.perf_counter() - start
   _write_json(result, args.json_out)
   print(markdown_table(result['rows']), flush=True)

@@ -83,6 +83,11 @@ def test_lowered_program_flops_match_conv_count():
     (['--dtypes=float64'], 'dtypes'),
     (['--image_size=30', '--factor=4'], 'divisible'),
     (['--steps=0'], 'steps'),
+    (['--views=native,tiny'], 'views'),
+    (['--image_size=32', '--factors=4', '--views=native'], 'under 16 px'),
+    (['--factors=2,x'], 'factors'),
+    (['--image_size=512', '--factors=2,3'], 'divisible'),
+    (['--rounds=0'], 'rounds'),
 ])
 def test_bad_flags_fail_naming_the_flag(argv, match, capsys):
   with pytest.raises(SystemExit):
@@ -100,11 +105,92 @@ def test_cases_cover_every_program_dtype_and_term_set():
 def test_gpu_suite_puts_the_targets_first_and_covers_every_program():
   args = benchmark.parse_args(['--suite=gpu'])
   cases = benchmark.cases_from_args(args)
-  assert [(c.name, c.dtype) for c in cases[:2]] == [('distill[ce+fm+at]', 'bfloat16'),
-                                                    ('distill[ce+fm+at]', 'float32')]
+  # bf16 at f = 4: the upsampled target, then its native counterpart, for distill and eval.
+  assert [c.label for c in cases[:6]] == [
+      'distill[ce+fm+at] bfloat16', 'distill[ce+fm+at] bfloat16 native',
+      'eval bfloat16', 'eval bfloat16 native',
+      'distill[ce+fm+at] float32', 'eval float32']
   for dtype in ('float32', 'bfloat16'):
     names = {c.name for c in cases if c.dtype == dtype}
     assert {'distill[ce+fm+at]', 'distill[ce+fm]', 'teacher', 'eval'} <= names
+
+
+def test_gpu_suite_lists_the_native_rows_at_every_factor():
+  cases = benchmark.cases_from_args(benchmark.parse_args(['--suite=gpu']))
+  native = [(c.program, c.dtype, c.student_factor(benchmark.parse_args([]))) for c in cases
+            if c.view == 'native']
+  assert sorted(native) == [('distill', 'bfloat16', 2), ('distill', 'bfloat16', 4),
+                            ('distill', 'bfloat16', 8), ('eval', 'bfloat16', 4)]
+  for case in cases:  # every factor divides the paper's 512 px and leaves >= 16 px
+    f = case.student_factor(benchmark.parse_args([]))
+    assert 512 % f == 0 and 512 // f >= benchmark.MIN_NATIVE_SIZE
+
+
+def test_views_and_factors_make_one_case_per_combination_teacher_once():
+  args = benchmark.parse_args(['--programs=distill,teacher,eval', '--dtypes=float32',
+                               '--views=upsampled,native', '--factors=2,4'])
+  labels = [c.label for c in benchmark.cases_from_args(args)]
+  assert labels == ['distill[ce+fm+at] float32 f=2', 'distill[ce+fm+at] float32 native f=2',
+                    'distill[ce+fm+at] float32 f=4', 'distill[ce+fm+at] float32 native f=4',
+                    'teacher float32',
+                    'eval float32 f=2', 'eval float32 native f=2', 'eval float32 f=4',
+                    'eval float32 native f=4']
+
+
+def test_views_option_builds_both_programs_on_a_tiny_model():
+  """Both views of distill and eval lower at width 0.0625, 32 px; the native student sees
+  32 / 2 = 16 px and costs less, the teacher forward of the distill step being the same."""
+  out = benchmark.main(['--lower_only', '--image_size=32', '--width=0.0625', '--batch_size=4',
+                        '--dtypes=float32', '--programs=distill,eval', '--factors=2',
+                        '--views=upsampled,native', '--no_augment'])
+  rows = {(r['program'], r['view']): r for r in out['rows']}
+  assert sorted(rows) == [('distill', 'native'), ('distill', 'upsampled'),
+                          ('eval', 'native'), ('eval', 'upsampled')]
+  for program in ('distill', 'eval'):
+    up, nat = rows[program, 'upsampled'], rows[program, 'native']
+    assert (up['student_size'], nat['student_size']) == (32, 16)
+    assert up['factor'] == nat['factor'] == 2
+    assert 0 < nat['flops'] < up['flops']
+    assert nat['analytic_flops'] < up['analytic_flops']
+
+
+def test_analytic_native_distill_is_teacher_forward_plus_a_small_student_step():
+  s, f, w, b = 512, 4, 1.0, 32
+  fwd_t, _ = benchmark.vgg_conv_flops(s, w)
+  fwd_s, dgrad_s = benchmark.vgg_conv_flops(s // f, w)
+  got = benchmark.analytic_flops('distill', ('ce', 'fm', 'at'), 'vgg16', s, w, b,
+                                 student_size=s // f)
+  assert got == b * (fwd_t + 3 * fwd_s - dgrad_s)
+  assert benchmark.analytic_flops('eval', (), 'vgg16', s, w, b, student_size=s // f) == (
+      b * fwd_s)
+  # The teacher program ignores the student size.
+  assert benchmark.analytic_flops('teacher', ('ce',), 'vgg16', s, w, b, student_size=8) == (
+      benchmark.analytic_flops('teacher', ('ce',), 'vgg16', s, w, b))
+
+
+@pytest.mark.parametrize('factor', [2, 4])
+def test_native_eval_program_costs_under_upsampled_over_f_squared(factor):
+  """XLA's count of the compiled eval programs: the native student's convolutions see 1 / f^2
+  of the pixels (and fewer padding taps), so its FLOPs are < upsampled / (0.9 f^2)."""
+  out = benchmark.main(['--compile_only', '--image_size=64', '--width=0.25', '--batch_size=2',
+                        '--dtypes=float32', '--programs=eval', f'--factors={factor}',
+                        '--views=upsampled,native'])
+  up, nat = out['rows']
+  assert (up['view'], nat['view'], up['flops_source']) == ('upsampled', 'native', 'compiled')
+  assert nat['flops'] < up['flops'] / (0.9 * factor ** 2)
+  assert nat['flops'] > up['flops'] / (2 * factor ** 2)  # and not absurdly small
+
+
+def test_rounds_interleave_and_pool_every_step(tmp_path):
+  """--rounds=2 times each compiled case twice (--steps per round); medians over all steps."""
+  out = benchmark.main(TINY + ['--programs=eval', '--dtypes=float32', '--factors=2',
+                               '--views=upsampled,native', '--rounds=2', '--steps=2',
+                               '--no_pipelined', f'--json_out={tmp_path / "r.json"}'])
+  assert [r['label'] for r in out['rows']] == ['eval float32 f=2', 'eval float32 native f=2']
+  for row in out['rows']:
+    assert row['rounds'] == 2 and row['steps'] == 4 and row['finite']
+    assert 0 < row['step_ms_min'] <= row['step_ms_median']
+  assert json.loads((tmp_path / 'r.json').read_text())['rows'][1]['view'] == 'native'
 
 
 def test_time_budget_skips_and_lists_configurations(tmp_path):
