@@ -50,13 +50,13 @@ import numpy as np
 
 from camkd_jax import distill
 from camkd_jax import models
+from camkd_jax.models import vgg
 from camkd_jax import ops
 from camkd_jax import sharding
 
 NUM_CLASSES = 4  # NC, G3, G4, G5
 PROGRAMS = ('distill', 'teacher', 'eval')
 DTYPES = ('float32', 'bfloat16')
-MIN_NATIVE_SIZE = 16  # four 2x2 pools before VGG's block5
 
 # Dense peak rates in TFLOP/s per chip. Matched in order against the lower-cased
 # `device_kind`, so more specific names come first. Keys: bfloat16, tf32 (NVIDIA tensor cores,
@@ -186,9 +186,9 @@ def _check_args(parser, args):
     if f < 1 or args.image_size % f:
       parser.error(f'--image_size={args.image_size} is not divisible by factor {f} '
                    '(--factor / --factors)')
-    if 'native' in args.views and args.image_size // f < MIN_NATIVE_SIZE:
+    if 'native' in args.views and args.image_size // f < vgg.MIN_INPUT_SIZE:
       parser.error(f'--views=native: the native student input {args.image_size} / {f} = '
-                   f'{args.image_size // f} px is under {MIN_NATIVE_SIZE} px (VGG has no block5 '
+                   f'{args.image_size // f} px is under {vgg.MIN_INPUT_SIZE} px (VGG has no block5 '
                    'map there); raise --image_size or lower the factor')
   args.eval_batch_size = args.eval_batch_size or args.batch_size
 

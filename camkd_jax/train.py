@@ -40,6 +40,7 @@ from camkd_jax import reporting
 from camkd_jax import saliency as saliency_lib
 from camkd_jax import sharding
 from camkd_jax import workdir as workdir_lib
+from camkd_jax.models import vgg
 
 METHODS = ('teacher', 'ce', 'kd', 'fm', 'at', 'sr', 'attn_kd', 'custom')
 DATASETS = ('synthetic_histology', 'sicapv2', 'folder', 'table')
@@ -86,8 +87,7 @@ def validate_config(config, num_devices: int):
 
 
 STUDENT_INITS = ('', 'imagenet', 'random', 'teacher')
-# VGG16 pools 2x2 four times before block5: an input under 16 px leaves no block5 map.
-MIN_INPUT_SIZE = 16
+MIN_INPUT_SIZE = vgg.MIN_INPUT_SIZE
 
 
 def validate_view(config, factor: int):

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 BLOCKS = ('block1', 'block2', 'block3', 'block4', 'block5')
+# Four 2x2 max-pools before block5: an input under 16 px leaves no block5 map.
+MIN_INPUT_SIZE = 16
 # Output channels of the convolutions of each block (VGG16 configuration "D").
 VGG16_CHANNELS = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 
