@@ -123,7 +123,7 @@ def test_gpu_suite_lists_the_native_rows_at_every_factor():
                             ('distill', 'bfloat16', 8), ('eval', 'bfloat16', 4)]
   for case in cases:  # every factor divides the paper's 512 px and leaves >= 16 px
     f = case.student_factor(benchmark.parse_args([]))
-    assert 512 % f == 0 and 512 // f >= benchmark.MIN_NATIVE_SIZE
+    assert 512 % f == 0 and 512 // f >= benchmark.vgg.MIN_INPUT_SIZE
 
 
 def test_views_and_factors_make_one_case_per_combination_teacher_once():
