@@ -11,8 +11,10 @@ a parallel tf.data map. Scaling to [0, 1], augmentation and the student's view h
 
 Only this module and camkd_jax/datasets import TensorFlow.
 """
+import csv
 import dataclasses
 import math
+import os
 from typing import Iterator, Optional
 
 from absl import logging
@@ -130,7 +132,7 @@ def _batches(examples, positions, batch_size, image_size):
              or _find_bad(examples, positions[(k + 1) * batch_size:]))
       if bad is None:
         raise
-      raise ValueError(base.corrupt_message(*bad)) from e
+      raise base.DataError(base.corrupt_message(*bad)) from e
     yield images, labels
 
 
@@ -153,6 +155,7 @@ class Data:
   balance: bool = True
   name: str = ''
   skipped: int = 0              # unreadable images dropped (config.data.skip_corrupt)
+  notes: list = dataclasses.field(default_factory=list)  # warnings for results.md
   source: Optional[base.Source] = dataclasses.field(default=None, repr=False)
   _train: Optional[base.Examples] = dataclasses.field(default=None, repr=False)
   _eval_cache: dict = dataclasses.field(default_factory=dict, repr=False)
@@ -200,6 +203,22 @@ class Data:
     for _ in range(self.num_eval_batches(split) - count):
       yield _pad(*empty, bl)
 
+  def train_statistics(self):
+    """(mean, std) per RGB channel of the train split as the model sees it ([0, 1], after the
+    resize to image_size), streamed batch by batch in float64: every example once, no
+    balancing, no augmentation."""
+    n = len(self._train)
+    total, squares, pixels = np.zeros(3), np.zeros(3), 0
+    for images, _ in _batches(self._train, np.arange(n), max(self.eval_batch_size, 1),
+                              self.image_size):
+      x = images.reshape(-1, 3).astype(np.float64) / 255.0
+      total += x.sum(0)
+      squares += np.square(x).sum(0)
+      pixels += len(x)
+    mean = total / pixels
+    std = np.sqrt(np.maximum(squares / pixels - np.square(mean), 0.0))
+    return mean, std
+
   def _local_eval_examples(self, split):
     if split not in self._eval_cache:
       start, stop = shard_bounds(self.num_examples[split], self.process_index, self.process_count)
@@ -228,6 +247,78 @@ def _check_divisible(what, value, process_count):
                      f'({process_count}); every process takes an equal slice of each batch')
 
 
+def input_stats_mode(config):
+  """'auto' when config.model.input_mean/std ask for train-split statistics, else 'fixed'."""
+  mean, std = config.model.get('input_mean', ()), config.model.get('input_std', ())
+  strings = [v for v in (mean, std) if isinstance(v, str)]
+  if not strings:
+    return 'fixed'
+  if mean != 'auto' or std != 'auto':
+    raise base.DataError(f'config.model.input_mean={mean!r} and input_std={std!r}: set both to '
+                         "'auto' (statistics of the train split), or both to 3 numbers, or both "
+                         'to () for none')
+  return 'auto'
+
+
+def _split_labels(source, split, data_cache):
+  """Labels of a whole split (kept in `data_cache` for reuse when one process reads it all)."""
+  examples = source.read(split)
+  data_cache[split] = examples
+  return examples.labels
+
+
+def check_classes_present(source, labels_of):
+  """Every class must have examples in every split: the error names the missing ones."""
+  names = list(source.class_names)
+  for split in SPLITS:
+    counts = np.bincount(labels_of[split], minlength=len(names))
+    empty = [c for c, n in zip(names, counts) if n == 0]
+    if not empty:
+      continue
+    hints = source.hints or {}
+    where = ''.join(f'; {c!r} is in {hints[c]}' for c in empty if c in hints)
+    what = 'training' if split == 'train' else split
+    raise base.DataError(
+        f'{source.name}: class(es) {empty} have no {what} examples ({split} counts '
+        f'{dict(zip(names, counts.tolist()))}){where}. Add {what} examples of the class, drop '
+        'it, or fix its label (a typo?).')
+
+
+def _log_split_counts(source, labels_of):
+  names = list(source.class_names)
+  for split in SPLITS:
+    counts = np.bincount(labels_of[split], minlength=len(names))
+    logging.info('%s %s: %d images (%s)', source.name, split, counts.sum(),
+                 ', '.join(f'{c} {n}' for c, n in zip(names, counts)))
+
+
+def order_note(config, source):
+  """The warning when kappa ranks models by a class order that nobody gave, else ''."""
+  if (config.selection.metric != 'kappa' or len(source.class_names) <= 2
+      or source.order_given):
+    return ''
+  return (f'class order {list(source.class_names)} is sorted (alphabetical) because '
+          'config.data.class_names is not set, and quadratic kappa (the selection metric) '
+          'treats the classes as ordered; set config.data.class_names to the classes in their '
+          'real order, comma-separated')
+
+
+def resize_note(image_sizes, image_size):
+  """The warning when images are resized to image_size (counts per kind), else ''."""
+  if not image_sizes:
+    return ''
+  hw = np.asarray(list(image_sizes.values()), np.int64).reshape(-1, 2)
+  up = int(((hw[:, 0] < image_size) | (hw[:, 1] < image_size)).sum())
+  down = int(((hw[:, 0] > image_size) | (hw[:, 1] > image_size)).sum())
+  aspect = int((hw[:, 0] != hw[:, 1]).sum())
+  if not (up or down or aspect):
+    return ''
+  sizes = sorted({f'{h}x{w}' for h, w in hw.tolist()})
+  return (f'{up + down} of {len(hw)} images are resized to config.image_size={image_size}: '
+          f'{up} up-sampled, {down} down-sampled, {aspect} with their aspect ratio changed '
+          f'(sizes found: {base.first_of(sizes, show=5)})')
+
+
 def get_data(config, *, process_index=None, process_count=None) -> Data:
   """Prepares (generating / building once) the dataset of `config` and returns its `Data`."""
   if process_index is None or process_count is None:
@@ -236,27 +327,78 @@ def get_data(config, *, process_index=None, process_count=None) -> Data:
     process_count = jax.process_count() if process_count is None else process_count
   _check_divisible('batch_size', config.batch_size, process_count)
   _check_divisible('eval_batch_size', config.eval_batch_size, process_count)
+  input_stats_mode(config)
   source = datasets.get_source(config)
   class_names = list(source.class_names)
   counts = {s: source.num_examples(s) for s in SPLITS}
-  train = source.read('train')
-  per_class = np.bincount(train.labels, minlength=len(class_names))
-  empty = [c for c, n in zip(class_names, per_class) if n == 0]
-  if empty:
-    raise ValueError(f'{source.name}: class(es) {empty} have no training examples (train counts '
-                     f'{dict(zip(class_names, per_class.tolist()))}); add examples or drop the '
-                     'class')
+  read = {}
+  labels_of = {s: _split_labels(source, s, read) for s in SPLITS}
+  check_classes_present(source, labels_of)
+  _log_split_counts(source, labels_of)
   steps = counts['train'] // config.batch_size
   if steps == 0:
-    raise ValueError(f'{source.name}: the train split has {counts["train"]} examples, fewer than '
-                     f'one batch (config.batch_size={config.batch_size})')
+    raise base.DataError(f'{source.name}: the train split has {counts["train"]} examples, fewer '
+                         f'than one batch (config.batch_size={config.batch_size})')
   if source.skipped:
     logging.warning('%s: %d unreadable image(s) were skipped (config.data.skip_corrupt)',
                     source.name, source.skipped)
+  notes = [n for n in (order_note(config, source),
+                       resize_note(source.image_sizes, int(config.image_size))) if n]
+  for note in notes:
+    logging.warning('%s: %s', source.name, note)
+  # One process reads each split whole: keep it for evaluation instead of reading it again.
+  cache = {s: read[s] for s in ('validation', 'test')} if process_count == 1 else {}
   return Data(class_names=class_names, num_classes=len(class_names),
               image_size=int(config.image_size), num_examples=counts,
               global_batch_size=int(config.batch_size), steps_per_epoch=steps,
               eval_batch_size=int(config.eval_batch_size), process_index=int(process_index),
               process_count=int(process_count), seed=int(config.seed),
               balance=bool(config.balance), name=source.name, skipped=source.skipped,
-              source=source, _train=train)
+              notes=notes, source=source, _train=read['train'], _eval_cache=cache)
+
+
+# ---------------------------------------------------------------- the run's start (driver hook)
+
+
+def write_split_record(source, path):
+  """CSV of which file went to which split (folder and table datasets), or nothing."""
+  if not source.records:
+    return None
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + '.tmp', 'w', newline='') as f:
+    w = csv.writer(f)
+    w.writerow(['path', 'class', 'split', 'assigned_by'])
+    w.writerows(source.records)
+  os.replace(path + '.tmp', path)
+  return path
+
+
+def resolve_input_stats(config, data):
+  """`config` with model.input_mean/std = 'auto' replaced by the train split's statistics."""
+  if input_stats_mode(config) != 'auto':
+    return config
+  mean, std = data.train_statistics()
+  if (std <= 1e-6).any():
+    raise base.DataError(f'{data.name}: a colour channel of the train images is constant (std '
+                         f'{std.tolist()}), so model.input_std=auto would divide by zero; set '
+                         'config.model.input_mean/std by hand')
+  mean, std = tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+  logging.info('model.input_mean/std = auto: mean %s, std %s (train split, %d images at %d px)',
+               mean, std, data.num_examples['train'], data.image_size)
+  out = config.copy_and_resolve_references()
+  with out.unlocked():
+    for key, value in (('input_mean', mean), ('input_std', std)):
+      del out.model[key]
+      out.model[key] = value
+  return out
+
+
+def prepare_run(config, data, workdir):
+  """At the start of a run, once the data is listed and checked: records the split in
+  workdir/data_split.csv (process 0) and returns the config the models are built from ('auto'
+  input statistics resolved to numbers)."""
+  if data.process_index == 0 and data.source is not None:
+    path = write_split_record(data.source, os.path.join(workdir, 'data_split.csv'))
+    if path:
+      logging.info('%s: the split (which file went where) is in %s', data.name, path)
+  return resolve_input_stats(config, data)

@@ -10,6 +10,7 @@ same command resumes from the latest checkpoint in the workdir.
 """
 import logging as std_logging
 import os
+import sys
 
 # TensorFlow (input pipeline only) is chatty at start-up; keep the console for progress lines.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
@@ -24,6 +25,8 @@ from camkd_jax import distributed  # pylint: disable=g-import-not-at-top,wrong-i
 from camkd_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 # pylint: disable-next=g-import-not-at-top,wrong-import-position
 from camkd_jax import workdir as workdir_lib
+# pylint: disable-next=g-import-not-at-top,wrong-import-position
+from camkd_jax.datasets import base
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -59,7 +62,10 @@ def main(argv):
   workdir = FLAGS.workdir or workdir_lib.default_workdir(
       config_flags.get_config_filename(FLAGS['config']), config)
   logging.info('workdir %s', workdir)
-  train.run(config, workdir)
+  try:
+    train.run(config, workdir)
+  except base.DataError as e:  # bad data: the message says what and where, no traceback
+    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':

@@ -88,6 +88,8 @@ def combine_seeds(runs: Dict[int, Dict]) -> Dict[str, Any]:
     return results[0]
   out = {'seeds': [int(s) for s in runs], 'summary': summarize_runs(results),
          'runs': {str(s): r for s, r in runs.items()}}
+  if results[0].get('data_notes'):  # the same data for every seed
+    out['data_notes'] = results[0]['data_notes']
   for model in ('teacher', 'student'):
     if model in out['summary']:
       s = out['summary'][model]
@@ -118,7 +120,8 @@ def write_results(out: Dict[str, Any], workdir: str):
   table, rows = results_markdown(out)
   with open(os.path.join(workdir, 'results.md'), 'w') as f:
     f.write('# Results\n\nMetrics of the checkpoint selected on validation '
-            'kappa (test reported at that epoch).\n\n' + table)
+            'kappa (test reported at that epoch).\n\n' + table
+            + ''.join(f'\n**Data warning:** {n}\n' for n in out.get('data_notes', ())))
   where = ('seed_*/: figures/gradcam.png, tensorboard/, checkpoints/, teacher/, student/'
            if 'runs' in out else
            'figures/gradcam.png, tensorboard/, checkpoints/, teacher/, student/')

@@ -194,11 +194,14 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> Dict[str, Any]:
   logging.info('data %s: %s examples, %d classes %s, %d steps/epoch of %d', config.data.name,
                data.num_examples, data.num_classes, data.class_names, data.steps_per_epoch,
                data.global_batch_size)
+  config = input_pipeline.prepare_run(config, data, workdir)  # split record, 'auto' inputs
   teacher_cfg, student_cfg = step_configs(config)
   model = models.from_config(config.model, data.num_classes)
   teacher_params, teacher_report = obtain_teacher(config, workdir, data, mesh, model,
                                                   teacher_cfg)
   result = {'teacher': teacher_report, 'seeds': [int(config.seed)]}
+  if data.notes:
+    result['data_notes'] = list(data.notes)
   columns = [('teacher', model, teacher_params, 1, 'upsampled')]
   if config.method != 'teacher':
     stage = Stage('student', config, workdir, model, student_cfg, int(config.num_epochs),

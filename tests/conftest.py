@@ -36,3 +36,9 @@ def tiny():
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
   x = jax.random.uniform(jax.random.PRNGKey(1), (3, 32, 32, 3))
   return model, variables, x
+
+
+@pytest.fixture(autouse=True)
+def _image_check_cache(tmp_path_factory, monkeypatch):
+  """The image-check cache of the folder/table datasets goes to a temporary folder, not ~/.cache."""
+  monkeypatch.setenv('CAMKD_CACHE_DIR', str(tmp_path_factory.getbasetemp() / 'camkd_cache'))

@@ -94,10 +94,12 @@ def test_table_xlsx_one_hot_and_bad_row(tmp_path):
 
 def test_table_missing_image_and_column(tmp_path):
   (tmp_path / 't.csv').write_text('image,label\nmissing.png,a\n')
-  with pytest.raises(FileNotFoundError, match="row 2: image 'missing.png' not found"):
+  with pytest.raises(FileNotFoundError, match=r"1 image\(s\) not found, in row\(s\) 2 "
+                     r"\('missing.png'\)"):
     datasets.get_source(data_config(name='table', table=str(tmp_path / 't.csv'),
                                     label_column='label'))
-  with pytest.raises(ValueError, match="no label column 'grade'.*columns: \\['image', 'label'\\]"):
+  with pytest.raises(ValueError, match="no column 'grade' \\(config.data.label_column\\); "
+                     "columns: \\['image', 'label'\\]"):
     datasets.get_source(data_config(name='table', table=str(tmp_path / 't.csv'),
                                     label_column='grade'))
 

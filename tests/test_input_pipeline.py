@@ -201,8 +201,15 @@ def test_tiff_grey_and_rgba_decode(tmp_path):
 
 def test_corrupt_file_is_named(folder_data):
   bad = folder_data / 'train' / 'b' / '04.png'
-  bad.write_bytes(bad.read_bytes()[:40])
+  good = bad.read_bytes()
+  bad.write_bytes(good[:40])
+  with pytest.raises(ValueError, match=r'1 of 39 image\(s\) cannot be read') as e:
+    ip.get_data(_data(folder_data), process_index=0, process_count=1)  # found up front
+  assert 'train/b/04.png (UnidentifiedImageError' in str(e.value) and 'skip_corrupt=True' in str(e.value)
+  # A file that breaks after the check is still named when the pipeline meets it.
+  bad.write_bytes(good)
   data = ip.get_data(_data(folder_data), process_index=0, process_count=1)
+  bad.write_bytes(good[:40])
   with pytest.raises(ValueError, match=r'train/b/04.png.*skip_corrupt'):
     for epoch in range(5):  # the oversampled class b shows up in every epoch
       list(data.train_batches(epoch))

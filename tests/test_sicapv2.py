@@ -6,6 +6,7 @@ from PIL import Image
 import pytest
 
 from camkd_jax import datasets
+from camkd_jax.datasets import base
 from camkd_jax.datasets import sicapv2
 from helpers import data_config
 from helpers import decode_image
@@ -98,8 +99,9 @@ def test_sicapv2_corrupt_jpeg_named_or_skipped(tmp_path):
   bad = os.path.join(top, 'images', 'val_01.jpg')
   data = open(bad, 'rb').read()
   open(bad, 'wb').write(data[:len(data) // 2])  # truncated
-  with pytest.raises(ValueError, match='val_01.jpg.*skip_corrupt'):
+  with pytest.raises(base.DataError, match=r'1 of 16 image\(s\) cannot be read') as e:
     datasets.get_source(_sicap_config(tmp_path, top))
+  assert 'val_01.jpg (OSError' in str(e.value) and 'skip_corrupt=True' in str(e.value)
   src = datasets.get_source(_sicap_config(tmp_path, top, skip_corrupt=True))
   assert src.skipped == 1 and src.skipped_names == ['val_01.jpg']
   assert src.num_examples('validation') == 3

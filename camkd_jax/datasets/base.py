@@ -7,7 +7,9 @@ folders and tables). The pipeline only ever sees `Examples`, so all datasets are
 import concurrent.futures
 import csv
 import dataclasses
+import hashlib
 import io
+import json
 import os
 from typing import Optional, Sequence
 
@@ -15,6 +17,24 @@ import numpy as np
 
 SPLITS = ('train', 'validation', 'test')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
+SHOW_FIRST = 10  # how many bad files / rows an error lists before "and N more"
+
+
+class DataError(ValueError):
+  """Bad input data or data config. The message names the file/row/key and what to do; the
+  command line prints it as is, with no traceback."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+  """A file or folder that the data config names does not exist."""
+
+
+def first_of(items, total=None, show=SHOW_FIRST):
+  """'a, b, c' or 'a, b, c and 12 more' (the first `show` of `items`)."""
+  items = list(items)
+  total = len(items) if total is None else total
+  text = ', '.join(str(x) for x in items[:show])
+  return text + (f' and {total - show} more' if total > show else '')
 
 
 @dataclasses.dataclass
@@ -58,6 +78,12 @@ class Source:
   class_names: Sequence[str] = ()
   skipped = 0          # images dropped as unreadable (config.data.skip_corrupt)
   skipped_names = ()   # their names, for the log
+  # Whether the class order was given (config.data.class_names, the dataset's definition, a
+  # table's one-hot column order) rather than sorted: quadratic kappa depends on it.
+  order_given = True
+  records = ()         # [(path, class name, split, assigned_by)]: which file went where
+  image_sizes = None   # {path: (height, width)} of the file-backed images, when checked
+  hints = None         # {class name: where its examples are (e.g. table rows)} for errors
 
   def num_examples(self, split: str) -> int:
     raise NotImplementedError
@@ -69,12 +95,16 @@ class Source:
 class ListSource(Source):
   """A source whose splits are already listed in memory (folder and table datasets)."""
 
-  def __init__(self, name, class_names, splits, skipped_names=()):
+  def __init__(self, name, class_names, splits, skipped_names=(), **extra):
     self.name = name
     self.class_names = list(class_names)
     self._splits = splits
     self.skipped_names = list(skipped_names)
     self.skipped = len(self.skipped_names)
+    for key, value in extra.items():  # order_given, records, image_sizes, hints
+      if not hasattr(Source, key):
+        raise TypeError(f'unknown Source attribute {key!r}')
+      setattr(self, key, value)
 
   def num_examples(self, split):
     return len(self._splits[split])
@@ -94,32 +124,113 @@ def decode_with_pil(data: bytes) -> np.ndarray:
     return np.asarray(im.convert('RGB'))
 
 
+def _reason(e: Exception) -> str:
+  if type(e).__name__ == 'UnidentifiedImageError':  # its text names a BytesIO object
+    return 'UnidentifiedImageError: not an image format PIL can read'
+  return f'{type(e).__name__}: {e}'
+
+
 def check_image(data: bytes) -> Optional[str]:
   """None if `data` decodes to an image, else the reason it does not."""
   try:
     decode_with_pil(data)
     return None
   except Exception as e:  # pylint: disable=broad-except
-    return f'{type(e).__name__}: {e}'
+    return _reason(e)
 
 
-def find_unreadable(paths: Sequence[str], workers: int = 0) -> list:
-  """[(index, reason)] for the files that are missing or do not decode (PIL, threaded)."""
-  def one(path):
+def _check_file(path):
+  """(reason or None, height, width) of the image file at `path`."""
+  try:
+    with open(path, 'rb') as f:
+      img = decode_with_pil(f.read())
+    return None, int(img.shape[0]), int(img.shape[1])
+  except Exception as e:  # pylint: disable=broad-except
+    return _reason(e), 0, 0
+
+
+def cache_dir():
+  """Where checks are cached: $CAMKD_CACHE_DIR, else ~/.cache/camkd_jax."""
+  return (os.environ.get('CAMKD_CACHE_DIR')
+          or os.path.join(os.path.expanduser('~'), '.cache', 'camkd_jax'))
+
+
+def _cache_file(key):
+  digest = hashlib.sha1(os.path.abspath(key).encode()).hexdigest()[:16]
+  return os.path.join(cache_dir(), 'image_checks', f'{digest}.json')
+
+
+def _load_cache(key):
+  try:
+    with open(_cache_file(key)) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}
+
+
+def _save_cache(key, cache):
+  """Best effort (a read-only home only costs a re-check next time)."""
+  path = _cache_file(key)
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+      json.dump(cache, f)
+    os.replace(path + '.tmp', path)
+  except OSError:
+    pass
+
+
+def check_files(paths: Sequence[str], cache_key: str = '', workers: int = 0) -> list:
+  """[(reason or None, height, width)] of every file: decoded in full by PIL in a thread pool.
+
+  With `cache_key` (e.g. the dataset root), files that decoded before are not decoded again
+  while their (path, size, mtime) is unchanged; the cache lives in cache_dir(). Bad files are
+  never cached, so a fixed file is checked again.
+  """
+  cache = _load_cache(cache_key) if cache_key else {}
+  out, todo, stamps = [None] * len(paths), [], {}
+  for i, p in enumerate(paths):
     try:
-      with open(path, 'rb') as f:
-        return check_image(f.read())
+      st = os.stat(p)
+      stamps[i] = [st.st_size, st.st_mtime_ns]
     except OSError as e:
-      return f'{type(e).__name__}: {e}'
-  workers = workers or min(8, os.cpu_count() or 1)
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    reasons = list(pool.map(one, paths))
-  return [(i, r) for i, r in enumerate(reasons) if r is not None]
+      out[i] = (f'{type(e).__name__}: {e}', 0, 0)
+      continue
+    hit = cache.get(os.path.abspath(p))
+    if hit and hit[:2] == stamps[i]:
+      out[i] = (None, hit[2], hit[3])
+    else:
+      todo.append(i)
+  if todo:
+    workers = workers or min(8, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+      for i, result in zip(todo, pool.map(_check_file, [paths[i] for i in todo])):
+        out[i] = result
+        if result[0] is None:
+          cache[os.path.abspath(paths[i])] = stamps[i] + [result[1], result[2]]
+    if cache_key:
+      _save_cache(cache_key, cache)
+  return out
+
+
+def find_unreadable(paths: Sequence[str], workers: int = 0, cache_key: str = '') -> list:
+  """[(index, reason)] for the files that are missing or do not decode (see check_files)."""
+  return [(i, r) for i, (r, _, _) in enumerate(check_files(paths, cache_key, workers))
+          if r is not None]
 
 
 def corrupt_message(name, reason):
   return (f'cannot decode image {name} ({reason}). Replace or remove the file, or set '
           'config.data.skip_corrupt=True to skip unreadable images.')
+
+
+def corrupt_files_message(bad, total):
+  """One message for every unreadable file: bad = [(name, reason)] of `total` files checked."""
+  shown = '\n  '.join(f'{n} ({r})' for n, r in bad[:SHOW_FIRST])
+  more = f'\n  ... and {len(bad) - SHOW_FIRST} more' if len(bad) > SHOW_FIRST else ''
+  return (f'{len(bad)} of {total} image(s) cannot be read or decoded:\n  {shown}{more}\n'
+          'Replace or remove them, or set config.data.skip_corrupt=True to skip unreadable '
+          'images (they are then listed in the log).')
 
 
 # ---------------------------------------------------------------- tables (CSV / XLSX)
@@ -143,9 +254,9 @@ def read_table(path):
     finally:
       wb.close()
   else:
-    raise ValueError(f'table {path}: unsupported extension {ext!r}; use .csv or .xlsx')
+    raise DataError(f'table {path}: unsupported extension {ext!r}; use .csv or .xlsx')
   if not rows:
-    raise ValueError(f'table {path} is empty (expected a header row)')
+    raise DataError(f'table {path} is empty (expected a header row)')
   header = rows[0]
   body = [(n + 2, r + [''] * (len(header) - len(r))) for n, r in enumerate(rows[1:])]
   return header, [(n, r) for n, r in body if any(r)]
@@ -164,11 +275,11 @@ def one_hot_label(values, class_names, where):
   try:
     marks = [float(v) if v != '' else 0.0 for v in values]
   except ValueError:
-    raise ValueError(f'{where}: class columns {list(class_names)} must hold 0/1, got '
+    raise DataError(f'{where}: class columns {list(class_names)} must hold 0/1, got '
                      f'{list(values)}') from None
   on = [c for c, m in zip(class_names, marks) if m > 0.5]
   if len(on) != 1:
     what = 'no class' if not on else f'several classes {on}'
-    raise ValueError(f'{where}: marks {what} among {list(class_names)} (exactly one of the '
+    raise DataError(f'{where}: marks {what} among {list(class_names)} (exactly one of the '
                      'one-hot columns must be 1); fix or drop the row')
   return list(class_names).index(on[0])

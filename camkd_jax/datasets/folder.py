@@ -4,14 +4,23 @@ These are plain file lists (no TFDS build step): the pipeline reads and decodes 
 so a new folder of patches is usable at once.
 
 Folder layouts (config.data.root):
-  root/<split>/<class>/*.png|jpg|jpeg|tif|tiff   split = train, validation (or val), test
+  root/<split>/<class>/*.png|jpg|jpeg|tif|tiff   split = train, validation (or val), test; without
+                                                 a validation folder, config.data.val_fraction of
+                                                 each class of train is held out (seeded)
   root/<class>/*                                 split drawn per class by config.data.split_ratio
 
 Table (config.data.table, .csv or .xlsx): one row per image, the image path in
 config.data.image_column (relative to the table's folder, or absolute), the class either in
-config.data.label_column or as one-hot columns (config.data.class_columns, default: every column
-holding only 0/1), and an optional split column (config.data.split_column, default 'split').
-Class names come from the data: sorted folder names, sorted label values, or the one-hot columns.
+config.data.label_column or as one-hot columns (config.data.class_columns, default: the columns
+named by config.data.class_names, else every column holding only 0/1), and an optional split
+column (config.data.split_column; '' uses a column named 'split' when there is one). Without
+validation rows, validation is carved out of train as for folders.
+
+Class order: config.data.class_names ('NC,G3,G4,G5') fixes it and must match the data's classes
+exactly; otherwise folder names and label values are sorted (numbers as numbers) and one-hot
+columns keep the table's order. Every image is decoded once up front (in parallel, cached on
+path, size and mtime): all unreadable files are reported in one error, or skipped with
+config.data.skip_corrupt=True. Errors are `base.DataError`s naming the folder, file or row.
 """
 import os
 
@@ -20,6 +29,7 @@ import numpy as np
 
 from camkd_jax.datasets import base
 
+DataError = base.DataError
 SPLIT_ALIASES = {'train': 'train', 'training': 'train', 'validation': 'validation',
                  'val': 'validation', 'valid': 'validation', 'test': 'test'}
 
@@ -44,11 +54,62 @@ def _subdirs(path):
                 if os.path.isdir(os.path.join(path, d)) and not d.startswith('.'))
 
 
+# ---------------------------------------------------------------- classes and splits
+
+
+def wanted_classes(config):
+  """config.data.class_names as a list ([] when not set)."""
+  text = str(_opt(config, 'class_names', '') or '')
+  names = [c.strip() for c in text.split(',') if c.strip()]
+  twice = sorted({c for c in names if names.count(c) > 1})
+  if twice:
+    raise DataError(f'config.data.class_names={text!r} lists {twice} more than once')
+  return names
+
+
+def order_classes(found, config, where, sort_key=None):
+  """(class names in order, whether the order was given) for the classes `found` in the data.
+
+  With config.data.class_names the data's classes must be exactly those; else they are sorted.
+  """
+  wanted = wanted_classes(config)
+  if not wanted:
+    return sorted(found, key=sort_key), False
+  missing = [c for c in wanted if c not in found]
+  extra = sorted(set(found) - set(wanted), key=sort_key)
+  if missing or extra:
+    parts = ([f'listed but not in the data: {missing}'] if missing else []) + (
+        [f'in the data but not listed: {extra}'] if extra else [])
+    raise DataError(f'{where}: the classes do not match config.data.class_names='
+                    f'{",".join(wanted)!r}; {"; ".join(parts)}. Fix the data or '
+                    'config.data.class_names (every class exactly once, in order).')
+  return wanted, True
+
+
+def carve_validation(labels, train_idx, num_classes, fraction, seed):
+  """(train, validation) indices: `fraction` of each class of `train_idx` goes to validation.
+
+  Stratified and seeded; a class with two or more train examples keeps at least one in each.
+  """
+  if not 0 < fraction < 1:
+    raise DataError(f'config.data.val_fraction={fraction} must lie strictly between 0 and 1 '
+                    '(the share of each class of train held out for validation)')
+  labels, train_idx = np.asarray(labels), np.asarray(train_idx, np.int64)
+  rng = np.random.default_rng(seed)
+  train, val = [], []
+  for k in range(num_classes):
+    idx = rng.permutation(train_idx[labels[train_idx] == k])
+    n_val = min(max(int(round(fraction * len(idx))), 1), len(idx) - 1) if len(idx) > 1 else 0
+    val += list(idx[:n_val])
+    train += list(idx[n_val:])
+  return np.sort(np.asarray(train, np.int64)), np.sort(np.asarray(val, np.int64))
+
+
 def seeded_split(labels, num_classes, ratio, seed):
   """Per-class (stratified) split of indices by `ratio` = (train, val, test) fractions."""
   ratio = np.asarray(ratio, np.float64)
   if ratio.shape != (3,) or (ratio < 0).any() or ratio.sum() <= 0:
-    raise ValueError(f'config.data.split_ratio must be three non-negative fractions '
+    raise DataError(f'config.data.split_ratio must be three non-negative fractions '
                      f'(train, validation, test), got {tuple(ratio)}')
   ratio = ratio / ratio.sum()
   rng = np.random.default_rng(seed)
@@ -64,80 +125,136 @@ def seeded_split(labels, num_classes, ratio, seed):
   return {s: np.sort(np.asarray(v, np.int64)) for s, v in parts.items()}
 
 
-def _finish(name, class_names, paths, labels, split_of, config):
-  """Builds the ListSource; with skip_corrupt, drops the files that do not decode first."""
+def _assign(split_of, n):
+  """split name of every index (from {split: indices})."""
+  out = [''] * n
+  for split, idx in split_of.items():
+    for i in idx:
+      out[int(i)] = split
+  return out
+
+
+def _finish(name, where, class_names, paths, labels, split_of, origin, config, **extra):
+  """Checks every image (all bad ones in one error, or skipped), builds the ListSource."""
   paths, labels = list(paths), np.asarray(labels, np.int32)
-  skipped = []
-  if config.data.skip_corrupt:
-    bad = base.find_unreadable(paths)
-    skipped = [paths[i] for i, _ in bad]
-    if bad:
-      logging.warning('skipped %d unreadable image(s) (config.data.skip_corrupt=True), e.g. '
-                      '%s: %s', len(bad), paths[bad[0][0]], bad[0][1])
-    drop = {i for i, _ in bad}
-  else:
-    drop = set()
-  splits = {}
+  checks = base.check_files(paths, cache_key=where)
+  bad = [(i, r) for i, (r, _, _) in enumerate(checks) if r is not None]
+  if bad and not config.data.skip_corrupt:
+    raise DataError(f'{name} dataset {where}: '
+                    + base.corrupt_files_message([(paths[i], r) for i, r in bad], len(paths)))
+  split = _assign(split_of, len(paths))
+  if bad:
+    logging.warning('%s dataset %s: skipped %d unreadable image(s) (config.data.skip_corrupt='
+                    'True): %s', name, where, len(bad),
+                    '; '.join(f'{paths[i]} ({r})' for i, r in bad))
+  drop = {i for i, _ in bad}
+  splits, records = {}, []
+  for s in base.SPLITS:
+    keep = [int(i) for i in split_of[s] if int(i) not in drop]
+    splits[s] = base.Examples([paths[i] for i in keep], labels[keep],
+                              [paths[i] for i in keep], from_files=True)
+    records += [(paths[i], class_names[labels[i]], s, origin[i]) for i in keep]
+  records += [(paths[i], class_names[labels[i]], 'skipped', f'{split[i]}: {r}')
+              for i, r in bad]
+  sizes = {paths[i]: (h, w) for i, (r, h, w) in enumerate(checks) if r is None}
+  return base.ListSource(name, class_names, splits, [paths[i] for i, _ in bad],
+                         records=records, image_sizes=sizes, **extra)
+
+
+def _carve(labels, split_of, num_classes, origin, config):
+  """Carves validation out of train (in place on split_of / origin)."""
+  fraction = float(_opt(config, 'val_fraction', 0.15))
+  train, val = carve_validation(labels, split_of['train'], num_classes, fraction,
+                                _opt(config, 'split_seed', 0))
+  split_of['train'], split_of['validation'] = train, val
+  for i in val:
+    origin[int(i)] = f'carved from train (config.data.val_fraction={fraction:g})'
+  logging.info('no validation split given: held out %d of %d train images per class '
+               '(config.data.val_fraction=%g, config.data.split_seed=%s)', len(val),
+               len(val) + len(train), fraction, _opt(config, 'split_seed', 0))
+
+
+LAYOUT = ('root/<split>/<class>/*.png|jpg|jpeg|tif|tiff (split = train, test and optionally '
+          'validation or val) or root/<class>/*')
+
+
+def _split_folders(root, subdirs, split_dirs):
+  """{split: folder name}; train and test are required, validation is optional."""
+  others = [d for d in subdirs if d not in split_dirs]
+  if others:
+    raise DataError(f'folder dataset {root}: mixes split folders {sorted(split_dirs)} with '
+                    f'other folders {others}; expected {LAYOUT}')
+  found = {}
+  for d, split in split_dirs.items():
+    if split in found:
+      raise DataError(f'folder dataset {root}: both {found[split]!r} and {d!r} name the '
+                      f'{split} split; keep one')
+    found[split] = d
+  missing = [s for s in ('train', 'test') if s not in found]
+  if missing:
+    raise base.DataNotFoundError(f'folder dataset {root}: no folder for split(s) {missing} '
+                                 f'(found {sorted(split_dirs)}); expected {LAYOUT}')
+  return found
+
+
+def _from_split_folders(root, found, config):
+  classes = {c for d in found.values() for c in _subdirs(os.path.join(root, d))}
+  if not classes:
+    raise base.DataNotFoundError(f'folder dataset {root}: no class folders inside the split '
+                                 'folders')
+  class_names, given = order_classes(classes, config, f'folder dataset {root}')
+  paths, labels, split_of = [], [], {}
   for split in base.SPLITS:
-    keep = [int(i) for i in split_of[split] if int(i) not in drop]
-    splits[split] = base.Examples([paths[i] for i in keep], labels[keep],
-                                  [paths[i] for i in keep], from_files=True)
-  return base.ListSource(name, class_names, splits, skipped)
+    start = len(paths)
+    for k, c in enumerate(class_names if split in found else ()):
+      files = _list_images(os.path.join(root, found[split], c))
+      paths += files
+      labels += [k] * len(files)
+    split_of[split] = np.arange(start, len(paths))
+  if not paths:
+    raise base.DataNotFoundError(f'folder dataset {root}: no image files '
+                                 f'({", ".join(base.IMAGE_EXTENSIONS)})')
+  origin = [f'folder {found[s]}/' for s in _assign(split_of, len(paths))]
+  if 'validation' not in found:
+    _carve(np.asarray(labels), split_of, len(class_names), origin, config)
+  return class_names, given, paths, labels, split_of, origin
+
+
+def _from_class_folders(root, subdirs, config):
+  class_names, given = order_classes(set(subdirs), config, f'folder dataset {root}')
+  if not class_names:
+    raise base.DataNotFoundError(f'folder dataset {root}: no class folders; expected {LAYOUT}')
+  paths, labels = [], []
+  for k, c in enumerate(class_names):
+    files = _list_images(os.path.join(root, c))
+    if not files:
+      raise base.DataNotFoundError(f'folder dataset {root}: class folder {c!r} holds no image '
+                                   f'files ({", ".join(base.IMAGE_EXTENSIONS)})')
+    paths += files
+    labels += [k] * len(files)
+  split_of = seeded_split(np.asarray(labels), len(class_names), config.data.split_ratio,
+                          _opt(config, 'split_seed', 0))
+  origin = ['seeded split (config.data.split_ratio)'] * len(paths)
+  return class_names, given, paths, labels, split_of, origin
 
 
 def folder_source(config):
   """Source over root/<split>/<class>/* or root/<class>/* (see module docstring)."""
   root = config.data.root
-  layout = ('root/<split>/<class>/*.png|jpg|jpeg|tif|tiff (split = train, validation or val, '
-            'test) or root/<class>/*')
   if not root or not os.path.isdir(root):
-    raise FileNotFoundError(f'folder dataset: config.data.root={root!r} is not a directory. '
-                            f'Expected {layout}; pass it as --config ...:dataset=folder,root=DIR')
+    raise base.DataNotFoundError(
+        f'folder dataset: config.data.root={root!r} is not a directory. Expected {LAYOUT}; '
+        'pass it as --config ...:dataset=folder,root=DIR')
   subdirs = _subdirs(root)
   split_dirs = {d: SPLIT_ALIASES[d.lower()] for d in subdirs if d.lower() in SPLIT_ALIASES}
   if split_dirs:
-    others = [d for d in subdirs if d not in split_dirs]
-    if others:
-      raise ValueError(f'folder dataset {root}: mixes split folders {sorted(split_dirs)} with '
-                       f'other folders {others}; expected {layout}')
-    found = {}
-    for d, split in split_dirs.items():
-      if split in found:
-        raise ValueError(f'folder dataset {root}: both {found[split]!r} and {d!r} name the '
-                         f'{split} split; keep one')
-      found[split] = d
-    missing = [s for s in base.SPLITS if s not in found]
-    if missing:
-      raise FileNotFoundError(f'folder dataset {root}: no folder for split(s) {missing} '
-                              f'(found {sorted(split_dirs)}); expected {layout}')
-    class_names = sorted({c for d in found.values() for c in _subdirs(os.path.join(root, d))})
-    if not class_names:
-      raise FileNotFoundError(f'folder dataset {root}: no class folders inside the split folders')
-    paths, labels, split_of = [], [], {}
-    for split in base.SPLITS:
-      start = len(paths)
-      for k, c in enumerate(class_names):
-        files = _list_images(os.path.join(root, found[split], c))
-        paths += files
-        labels += [k] * len(files)
-      split_of[split] = np.arange(start, len(paths))
-    if not paths:
-      raise FileNotFoundError(f'folder dataset {root}: no image files ({base.IMAGE_EXTENSIONS})')
+    found = _split_folders(root, subdirs, split_dirs)
+    parts = _from_split_folders(root, found, config)
   else:
-    class_names = subdirs
-    if not class_names:
-      raise FileNotFoundError(f'folder dataset {root}: no class folders; expected {layout}')
-    paths, labels = [], []
-    for k, c in enumerate(class_names):
-      files = _list_images(os.path.join(root, c))
-      if not files:
-        raise FileNotFoundError(f'folder dataset {root}: class folder {c!r} holds no image '
-                                f'files ({", ".join(base.IMAGE_EXTENSIONS)})')
-      paths += files
-      labels += [k] * len(files)
-    split_of = seeded_split(np.asarray(labels), len(class_names), config.data.split_ratio,
-                            _opt(config, 'split_seed', 0))
-  return _finish('folder', class_names, paths, labels, split_of, config)
+    parts = _from_class_folders(root, subdirs, config)
+  class_names, given, paths, labels, split_of, origin = parts
+  return _finish('folder', root, class_names, paths, labels, split_of, origin, config,
+                 order_given=given)
 
 
 # ---------------------------------------------------------------- tables
@@ -156,71 +273,196 @@ def _sort_key(value):
     return (1, 0.0, value)
 
 
+def _rows_text(numbers):
+  return 'row(s) ' + base.first_of(numbers)
+
+
+class _Table:
+  """A read table: header, rows, 1-based row numbers and the column index."""
+
+  def __init__(self, path):
+    self.path = path
+    self.header, numbered = base.read_table(path)
+    self.rows = [r for _, r in numbered]
+    self.numbers = [n for n, _ in numbered]
+    self.col = {h: j for j, h in enumerate(self.header)}
+
+  def where(self, i):
+    return f'table {self.path}, row {self.numbers[i]}'
+
+  def values(self, column):
+    return [r[self.col[column]] for r in self.rows]
+
+  def require(self, column, key):
+    if column not in self.col:
+      raise DataError(f'table {self.path}: no column {column!r} (config.data.{key}); columns: '
+                      f'{self.header}')
+
+
+def _split_column(t, config):
+  """The split column's name, or '' when the table has none (then config.data.split_ratio)."""
+  asked = str(_opt(config, 'split_column', '') or '')
+  if asked and asked not in t.col:
+    raise DataError(f'table {t.path}: no split column {asked!r} (config.data.split_column); '
+                    f'columns: {t.header}. Fix the name, or set config.data.split_column=\'\' '
+                    'to split by config.data.split_ratio')
+  return asked or ('split' if 'split' in t.col else '')
+
+
+def _labels_from_column(t, column, config):
+  """(class names, order given, labels, hints) from a label column."""
+  t.require(column, 'label_column')
+  values = t.values(column)
+  empty = [t.numbers[i] for i, v in enumerate(values) if v == '']
+  if empty:
+    raise DataError(f'table {t.path}: empty label in column {column!r} in {_rows_text(empty)}; '
+                    'fill or drop those rows')
+  wanted = wanted_classes(config)
+  outside = [f'{t.numbers[i]} ({v!r})' for i, v in enumerate(values) if wanted and v not in wanted]
+  if outside:
+    raise DataError(f'table {t.path}: label(s) outside config.data.class_names={wanted} in '
+                    f'{_rows_text(outside)}; fix those labels (a typo?) or list the class in '
+                    'config.data.class_names')
+  class_names, given = order_classes(set(values), config, f'table {t.path}', _sort_key)
+  labels = [class_names.index(v) for v in values]
+  hints = {c: f'table {t.path}, ' + _rows_text([n for n, v in zip(t.numbers, values) if v == c])
+           for c in class_names}
+  return class_names, given, labels, hints
+
+
+def _labels_from_one_hot(t, config, split_col, image_col):
+  """(class names, True, labels, None) from one-hot 0/1 columns (their order is the order)."""
+  wanted = _opt(config, 'class_columns', '')
+  columns = ([c.strip() for c in wanted.split(',') if c.strip()] if wanted
+             else wanted_classes(config))
+  if columns:
+    missing = [c for c in columns if c not in t.col]
+    if missing:
+      raise DataError(f'table {t.path}: class column(s) {missing} (config.data.class_columns or '
+                      f'class_names) not in the header {t.header}')
+  else:
+    skip = {image_col, split_col}
+    columns = [h for j, h in enumerate(t.header) if h not in skip and h
+               and _is_binary_column(t.rows, j)]
+    if len(columns) < 2:
+      raise DataError(f'table {t.path}: set config.data.label_column, or give one-hot 0/1 '
+                      f'class columns (found {columns}); columns: {t.header}')
+  class_names, _ = order_classes(set(columns), config, f'table {t.path}')
+  if not wanted_classes(config):
+    class_names = columns  # the table's column order
+  labels = [base.one_hot_label([r[t.col[c]] for c in class_names], class_names, t.where(i))
+            for i, r in enumerate(t.rows)]
+  return class_names, True, labels, None
+
+
+def _image_paths(t, image_col):
+  """Absolute image paths of every row; one error lists every empty or missing path."""
+  folder = os.path.dirname(os.path.abspath(t.path))
+  paths, empty, missing = [], [], []
+  for i, rel in enumerate(t.values(image_col)):
+    p = rel if os.path.isabs(rel) else os.path.join(folder, rel)
+    paths.append(os.path.normpath(p))
+    if not rel:
+      empty.append(t.numbers[i])
+    elif not os.path.isfile(p):
+      missing.append(f'{t.numbers[i]} ({rel!r})')
+  if empty:
+    raise DataError(f'table {t.path}: empty image path in column {image_col!r} in '
+                    f'{_rows_text(empty)}')
+  if missing:
+    raise base.DataNotFoundError(
+        f'table {t.path}: {len(missing)} image(s) not found, in {_rows_text(missing)} (paths '
+        f'are relative to the table\'s folder {folder}); fix the paths or drop those rows')
+  return paths
+
+
+def _row_splits(t, split_col):
+  """Split of every row ('' for all when the table has no split column)."""
+  if not split_col:
+    return [''] * len(t.rows)
+  out, bad = [], []
+  for i, v in enumerate(t.values(split_col)):
+    out.append(SPLIT_ALIASES.get(v.lower(), ''))
+    if not out[-1]:
+      bad.append(f'{t.numbers[i]} ({v!r})')
+  if bad:
+    raise DataError(f'table {t.path}: split values in column {split_col!r} that are not one of '
+                    f'train, validation (val), test: {_rows_text(bad)}')
+  return out
+
+
+def _unique_rows(t, paths, labels, splits, class_names):
+  """Indices of the rows to keep: exact duplicates dropped (warning); an image with two labels
+  in one split, or in two splits (leakage), is an error naming it."""
+  first, keep, dups, conflicts, leaks = {}, [], [], [], {}
+  for i, p in enumerate(paths):
+    key = os.path.realpath(p)
+    j = first.setdefault(key, i)
+    if j == i:
+      keep.append(i)
+    elif splits[i] != splits[j]:
+      leaks.setdefault(key, {j: splits[j]})[i] = splits[i]
+    elif labels[i] != labels[j]:
+      conflicts.append(f'{t.values(t.image_col)[i]!r} (rows {t.numbers[j]} '
+                       f'{class_names[labels[j]]}, {t.numbers[i]} {class_names[labels[i]]})')
+    else:
+      dups.append(t.numbers[i])
+  if leaks:
+    shown = [f'{t.values(t.image_col)[min(rows)]!r} (' + ', '.join(
+        f'row {t.numbers[r]} {s}' for r, s in sorted(rows.items())) + ')'
+             for rows in leaks.values()]
+    raise DataError(f'table {t.path}: {len(leaks)} image(s) appear in more than one split '
+                    f'(leakage: the metrics would be too good): {base.first_of(shown)}. Keep '
+                    'each image in one split.')
+  if conflicts:
+    raise DataError(f'table {t.path}: {len(conflicts)} image(s) have different labels in '
+                    f'different rows: {base.first_of(conflicts)}; keep one row per image')
+  if dups:
+    logging.warning('table %s: dropped %d duplicate row(s) (same image, label and split as an '
+                    'earlier row): %s', t.path, len(dups), _rows_text(dups))
+  return keep
+
+
+def _table_split(t, labels, splits, num_classes, config, split_col):
+  """({split: row indices}, origin of every row)."""
+  n = len(labels)
+  if not split_col:
+    split_of = seeded_split(np.asarray(labels), num_classes, config.data.split_ratio,
+                            _opt(config, 'split_seed', 0))
+    return split_of, ['seeded split (config.data.split_ratio)'] * n
+  split_of = {s: np.asarray([i for i in range(n) if splits[i] == s], np.int64)
+              for s in base.SPLITS}
+  missing = [s for s in ('train', 'test') if not len(split_of[s])]
+  if missing:
+    raise DataError(f'table {t.path}: no {" or ".join(missing)} rows in split column '
+                    f'{split_col!r}; a table with a split column needs train and test rows '
+                    '(validation is carved out of train when absent)')
+  origin = [f'table column {split_col}'] * n
+  if not len(split_of['validation']):
+    _carve(np.asarray(labels), split_of, num_classes, origin, config)
+  return split_of, origin
+
+
 def table_source(config):
   """Source over a CSV/XLSX table of image paths and labels (see module docstring)."""
   path = config.data.table
   if not path or not os.path.isfile(path):
-    raise FileNotFoundError(f'table dataset: config.data.table={path!r} is not a file; pass a '
-                            '.csv or .xlsx as --config ...:dataset=table,table=FILE')
-  header, numbered = base.read_table(path)
-  rows = [r for _, r in numbered]
-  row_number = [n for n, _ in numbered]
-  folder = os.path.dirname(os.path.abspath(path))
-  col = {h: j for j, h in enumerate(header)}
-  image_col = config.data.image_column
-  if image_col not in col:
-    raise ValueError(f'table {path}: no image column {image_col!r} (config.data.image_column); '
-                     f'columns: {header}')
-  split_col = _opt(config, 'split_column', 'split')
-  label_col = config.data.label_column
-  where = lambda i: f'table {path}, row {row_number[i]}'
-  if label_col:
-    if label_col not in col:
-      raise ValueError(f'table {path}: no label column {label_col!r} (config.data.label_column);'
-                       f' columns: {header}')
-    values = [r[col[label_col]] for r in rows]
-    for i, v in enumerate(values):
-      if v == '':
-        raise ValueError(f'{where(i)}: empty label in column {label_col!r}; fill or drop the row')
-    class_names = sorted(set(values), key=_sort_key)
-    labels = [class_names.index(v) for v in values]
+    raise base.DataNotFoundError(
+        f'table dataset: config.data.table={path!r} is not a file; pass a .csv or .xlsx as '
+        '--config ...:dataset=table,table=FILE')
+  t = _Table(path)
+  t.image_col = config.data.image_column
+  t.require(t.image_col, 'image_column')
+  split_col = _split_column(t, config)
+  if config.data.label_column:
+    class_names, given, labels, hints = _labels_from_column(t, config.data.label_column, config)
   else:
-    wanted = _opt(config, 'class_columns', '')
-    if wanted:
-      class_names = [c.strip() for c in wanted.split(',') if c.strip()]
-      missing = [c for c in class_names if c not in col]
-      if missing:
-        raise ValueError(f'table {path}: class column(s) {missing} (config.data.class_columns) '
-                         f'not in the header {header}')
-    else:
-      skip = {image_col, split_col}
-      class_names = [h for j, h in enumerate(header) if h not in skip and h
-                     and _is_binary_column(rows, j)]
-      if len(class_names) < 2:
-        raise ValueError(f'table {path}: set config.data.label_column, or give one-hot 0/1 '
-                         f'class columns (found {class_names}); columns: {header}')
-    labels = [base.one_hot_label([r[col[c]] for c in class_names], class_names, where(i))
-              for i, r in enumerate(rows)]
-  paths = []
-  for i, r in enumerate(rows):
-    rel = r[col[image_col]]
-    if not rel:
-      raise ValueError(f'{where(i)}: empty image path in column {image_col!r}')
-    p = rel if os.path.isabs(rel) else os.path.join(folder, rel)
-    if not os.path.isfile(p):
-      raise FileNotFoundError(f'{where(i)}: image {rel!r} not found (looked for {p}; paths are '
-                              'relative to the table\'s folder)')
-    paths.append(p)
-  if split_col in col:
-    split_of = {s: [] for s in base.SPLITS}
-    for i, r in enumerate(rows):
-      s = SPLIT_ALIASES.get(r[col[split_col]].lower())
-      if s is None:
-        raise ValueError(f'{where(i)}: split {r[col[split_col]]!r} in column {split_col!r} is '
-                         'not one of train, validation (val), test')
-      split_of[s].append(i)
-    split_of = {s: np.asarray(v, np.int64) for s, v in split_of.items()}
-  else:
-    split_of = seeded_split(np.asarray(labels), len(class_names), config.data.split_ratio,
-                            _opt(config, 'split_seed', 0))
-  return _finish('table', class_names, paths, labels, split_of, config)
+    class_names, given, labels, hints = _labels_from_one_hot(t, config, split_col, t.image_col)
+  paths = _image_paths(t, t.image_col)
+  splits = _row_splits(t, split_col)
+  keep = _unique_rows(t, paths, labels, splits, class_names)
+  t.rows, t.numbers = [t.rows[i] for i in keep], [t.numbers[i] for i in keep]
+  paths, labels, splits = ([x[i] for i in keep] for x in (paths, labels, splits))
+  split_of, origin = _table_split(t, labels, splits, len(class_names), config, split_col)
+  return _finish('table', path, class_names, paths, labels, split_of, origin, config,
+                 order_given=given, hints=hints)

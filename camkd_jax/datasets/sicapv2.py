@@ -68,7 +68,7 @@ def find_root(manual_dir, fold):
       missing.append(os.path.join(root, 'images') + '/ (the JPEG patches)')
     missing += [p for p in partition_paths(root, fold).values() if not os.path.isfile(p)]
   if missing:
-    raise FileNotFoundError(
+    raise base.DataNotFoundError(
         f'SICAPv2 ({fold}) is not where it was expected; missing:\n  ' + '\n  '.join(missing)
         + '\n' + INSTRUCTIONS)
   return root
@@ -81,20 +81,20 @@ def read_partition(path):
   need = ['image_name'] + list(CLASS_NAMES)
   lacking = [c for c in need if c not in col]
   if lacking:
-    raise ValueError(f'{path}: missing column(s) {lacking}; expected {need + ["G4C"]}, '
+    raise base.DataError(f'{path}: missing column(s) {lacking}; expected {need + ["G4C"]}, '
                      f'found {header}')
   out = []
   for n, r in rows:
     name = r[col['image_name']]
     where = f'{path}, row {n} (image_name {name!r})'
     if not name:
-      raise ValueError(f'{path}, row {n}: empty image_name')
+      raise base.DataError(f'{path}, row {n}: empty image_name')
     label = base.one_hot_label([r[col[c]] for c in CLASS_NAMES], CLASS_NAMES, where)
     g4c = r[col['G4C']] if 'G4C' in col else ''
     try:
       g4c = int(float(g4c)) if g4c else 0
     except ValueError:
-      raise ValueError(f'{where}: G4C must be 0/1, got {g4c!r}') from None
+      raise base.DataError(f'{where}: G4C must be 0/1, got {g4c!r}') from None
     out.append((n, name, label, g4c))
   return out
 
@@ -140,16 +140,15 @@ class Sicapv2(tfds.core.GeneratorBasedBuilder):
     paths = [os.path.join(images, n) for n in names]
     absent = [p for p in paths if not os.path.isfile(p)]
     if absent:
-      raise FileNotFoundError(
+      raise base.DataNotFoundError(
           f'SICAPv2: {len(absent)} image(s) listed in the partition spreadsheets are missing '
           f'from {images}, e.g. {absent[:3]}; the archive may be incompletely extracted.\n'
           + INSTRUCTIONS)
     logging.info('SICAPv2: checking that %d images decode', len(paths))
     bad = base.find_unreadable(paths)
     if bad and not self._skip_corrupt:
-      first = paths[bad[0][0]]
-      raise ValueError(base.corrupt_message(first, bad[0][1])
-                       + (f' ({len(bad)} unreadable files in all)' if len(bad) > 1 else ''))
+      raise base.DataError('SICAPv2: ' + base.corrupt_files_message(
+          [(paths[i], r) for i, r in bad], len(paths)))
     skipped = sorted(names[i] for i, _ in bad)
     if skipped:
       logging.warning('SICAPv2: skipping %d unreadable image(s): %s', len(skipped), skipped[:10])
@@ -169,7 +168,7 @@ def source(config):
   """Builds (once) the fold config.data.fold and returns it as a `base.Source`."""
   fold = config.data.fold
   if fold not in FOLDS:
-    raise ValueError(f'unknown SICAPv2 fold {fold!r} (config.data.fold); known: {list(FOLDS)}')
+    raise base.DataError(f'unknown SICAPv2 fold {fold!r} (config.data.fold); known: {list(FOLDS)}')
   data_dir = config.data.data_dir or None
   builder = Sicapv2(config=fold, data_dir=data_dir, skip_corrupt=bool(config.data.skip_corrupt))
   if not builder.is_prepared():
