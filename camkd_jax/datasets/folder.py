@@ -169,9 +169,10 @@ def _carve(labels, split_of, num_classes, origin, config):
   split_of['train'], split_of['validation'] = train, val
   for i in val:
     origin[int(i)] = f'carved from train (config.data.val_fraction={fraction:g})'
-  logging.info('no validation split given: held out %d of %d train images per class '
-               '(config.data.val_fraction=%g, config.data.split_seed=%s)', len(val),
-               len(val) + len(train), fraction, _opt(config, 'split_seed', 0))
+  logging.info('no validation split given: held out %d of %d train images for validation, '
+               'the same share of every class (config.data.val_fraction=%g, '
+               'config.data.split_seed=%s)', len(val), len(val) + len(train), fraction,
+               _opt(config, 'split_seed', 0))
 
 
 LAYOUT = ('root/<split>/<class>/*.png|jpg|jpeg|tif|tiff (split = train, test and optionally '
