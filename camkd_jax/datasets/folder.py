@@ -125,54 +125,66 @@ def seeded_split(labels, num_classes, ratio, seed):
   return {s: np.sort(np.asarray(v, np.int64)) for s, v in parts.items()}
 
 
-def _assign(split_of, n):
-  """split name of every index (from {split: indices})."""
-  out = [''] * n
-  for split, idx in split_of.items():
-    for i in idx:
-      out[int(i)] = split
-  return out
+def _readable(name, where, paths, config):
+  """(indices of the readable files, [(index, reason)] of the others, {path: (h, w)}).
 
-
-def _finish(name, where, class_names, paths, labels, split_of, origin, config, **extra):
-  """Checks every image (all bad ones in one error, or skipped), builds the ListSource."""
-  paths, labels = list(paths), np.asarray(labels, np.int32)
+  Every file is decoded once up front (base.check_files: threaded, cached); unreadable ones are
+  one error listing them all, or dropped with config.data.skip_corrupt (logged by name).
+  """
   checks = base.check_files(paths, cache_key=where)
   bad = [(i, r) for i, (r, _, _) in enumerate(checks) if r is not None]
   if bad and not config.data.skip_corrupt:
     raise DataError(f'{name} dataset {where}: '
                     + base.corrupt_files_message([(paths[i], r) for i, r in bad], len(paths)))
-  split = _assign(split_of, len(paths))
   if bad:
     logging.warning('%s dataset %s: skipped %d unreadable image(s) (config.data.skip_corrupt='
                     'True): %s', name, where, len(bad),
                     '; '.join(f'{paths[i]} ({r})' for i, r in bad))
   drop = {i for i, _ in bad}
-  splits, records = {}, []
-  for s in base.SPLITS:
-    keep = [int(i) for i in split_of[s] if int(i) not in drop]
-    splits[s] = base.Examples([paths[i] for i in keep], labels[keep],
-                              [paths[i] for i in keep], from_files=True)
-    records += [(paths[i], class_names[labels[i]], s, origin[i]) for i in keep]
-  records += [(paths[i], class_names[labels[i]], 'skipped', f'{split[i]}: {r}')
-              for i, r in bad]
   sizes = {paths[i]: (h, w) for i, (r, h, w) in enumerate(checks) if r is None}
-  return base.ListSource(name, class_names, splits, [paths[i] for i, _ in bad],
-                         records=records, image_sizes=sizes, **extra)
+  return [i for i in range(len(paths)) if i not in drop], bad, sizes
 
 
-def _carve(labels, split_of, num_classes, origin, config):
-  """Carves validation out of train (in place on split_of / origin)."""
-  fraction = float(_opt(config, 'val_fraction', 0.15))
-  train, val = carve_validation(labels, split_of['train'], num_classes, fraction,
-                                _opt(config, 'split_seed', 0))
-  split_of['train'], split_of['validation'] = train, val
-  for i in val:
-    origin[int(i)] = f'carved from train (config.data.val_fraction={fraction:g})'
-  logging.info('no validation split given: held out %d of %d train images for validation, '
-               'the same share of every class (config.data.val_fraction=%g, '
-               'config.data.split_seed=%s)', len(val), len(val) + len(train), fraction,
-               _opt(config, 'split_seed', 0))
+def _split_indices(labels, splits, origin, num_classes, config):
+  """{split: indices} from each file's split ('' everywhere: config.data.split_ratio); carves
+  validation out of train when there is none (updates `origin`)."""
+  labels = np.asarray(labels)
+  if not any(splits):
+    origin[:] = ['seeded split (config.data.split_ratio)'] * len(labels)
+    return seeded_split(labels, num_classes, config.data.split_ratio,
+                        _opt(config, 'split_seed', 0))
+  split_of = {s: np.asarray([i for i, x in enumerate(splits) if x == s], np.int64)
+              for s in base.SPLITS}
+  if not len(split_of['validation']):
+    fraction = float(_opt(config, 'val_fraction', 0.15))
+    seed = _opt(config, 'split_seed', 0)
+    train, val = carve_validation(labels, split_of['train'], num_classes, fraction, seed)
+    split_of['train'], split_of['validation'] = train, val
+    for i in val:
+      origin[int(i)] = f'carved from train (config.data.val_fraction={fraction:g})'
+    logging.info('no validation split given: held out %d of %d train images for validation, '
+                 'the same share of every class (config.data.val_fraction=%g, '
+                 'config.data.split_seed=%s)', len(val), len(val) + len(train), fraction, seed)
+  return split_of
+
+
+def _finish(name, where, class_names, paths, labels, splits, origin, config, **extra):
+  """Checks every image, splits the readable ones and builds the ListSource (with the record
+  of which file went where)."""
+  keep, bad, sizes = _readable(name, where, list(paths), config)
+  skipped = [(paths[i], class_names[labels[i]], 'skipped', f'{splits[i] or "any"}: {r}')
+             for i, r in bad]
+  paths, splits, origin = ([x[i] for i in keep] for x in (paths, splits, origin))
+  labels = np.asarray(labels, np.int32)[keep]
+  split_of = _split_indices(labels, splits, origin, len(class_names), config)
+  parts, records = {}, []
+  for s in base.SPLITS:
+    idx = [int(i) for i in split_of[s]]
+    parts[s] = base.Examples([paths[i] for i in idx], labels[idx], [paths[i] for i in idx],
+                             from_files=True)
+    records += [(paths[i], class_names[labels[i]], s, origin[i]) for i in idx]
+  return base.ListSource(name, class_names, parts, [r[0] for r in skipped],
+                         records=records + skipped, image_sizes=sizes, **extra)
 
 
 LAYOUT = ('root/<split>/<class>/*.png|jpg|jpeg|tif|tiff (split = train, test and optionally '
@@ -204,21 +216,18 @@ def _from_split_folders(root, found, config):
     raise base.DataNotFoundError(f'folder dataset {root}: no class folders inside the split '
                                  'folders')
   class_names, given = order_classes(classes, config, f'folder dataset {root}')
-  paths, labels, split_of = [], [], {}
-  for split in base.SPLITS:
-    start = len(paths)
-    for k, c in enumerate(class_names if split in found else ()):
+  paths, labels, splits = [], [], []
+  for split in [s for s in base.SPLITS if s in found]:
+    for k, c in enumerate(class_names):
       files = _list_images(os.path.join(root, found[split], c))
       paths += files
       labels += [k] * len(files)
-    split_of[split] = np.arange(start, len(paths))
+      splits += [split] * len(files)
   if not paths:
     raise base.DataNotFoundError(f'folder dataset {root}: no image files '
                                  f'({", ".join(base.IMAGE_EXTENSIONS)})')
-  origin = [f'folder {found[s]}/' for s in _assign(split_of, len(paths))]
-  if 'validation' not in found:
-    _carve(np.asarray(labels), split_of, len(class_names), origin, config)
-  return class_names, given, paths, labels, split_of, origin
+  origin = [f'folder {found[s]}/' for s in splits]
+  return class_names, given, paths, labels, splits, origin
 
 
 def _from_class_folders(root, subdirs, config):
@@ -233,10 +242,7 @@ def _from_class_folders(root, subdirs, config):
                                    f'files ({", ".join(base.IMAGE_EXTENSIONS)})')
     paths += files
     labels += [k] * len(files)
-  split_of = seeded_split(np.asarray(labels), len(class_names), config.data.split_ratio,
-                          _opt(config, 'split_seed', 0))
-  origin = ['seeded split (config.data.split_ratio)'] * len(paths)
-  return class_names, given, paths, labels, split_of, origin
+  return class_names, given, paths, labels, [''] * len(paths), [''] * len(paths)
 
 
 def folder_source(config):
@@ -253,8 +259,8 @@ def folder_source(config):
     parts = _from_split_folders(root, found, config)
   else:
     parts = _from_class_folders(root, subdirs, config)
-  class_names, given, paths, labels, split_of, origin = parts
-  return _finish('folder', root, class_names, paths, labels, split_of, origin, config,
+  class_names, given, paths, labels, splits, origin = parts
+  return _finish('folder', root, class_names, paths, labels, splits, origin, config,
                  order_given=given)
 
 
@@ -424,24 +430,13 @@ def _unique_rows(t, paths, labels, splits, class_names):
   return keep
 
 
-def _table_split(t, labels, splits, num_classes, config, split_col):
-  """({split: row indices}, origin of every row)."""
-  n = len(labels)
-  if not split_col:
-    split_of = seeded_split(np.asarray(labels), num_classes, config.data.split_ratio,
-                            _opt(config, 'split_seed', 0))
-    return split_of, ['seeded split (config.data.split_ratio)'] * n
-  split_of = {s: np.asarray([i for i in range(n) if splits[i] == s], np.int64)
-              for s in base.SPLITS}
-  missing = [s for s in ('train', 'test') if not len(split_of[s])]
+def _check_table_splits(t, splits, split_col):
+  """A table with a split column needs train and test rows (validation may be carved)."""
+  missing = [s for s in ('train', 'test') if split_col and s not in splits]
   if missing:
     raise DataError(f'table {t.path}: no {" or ".join(missing)} rows in split column '
                     f'{split_col!r}; a table with a split column needs train and test rows '
                     '(validation is carved out of train when absent)')
-  origin = [f'table column {split_col}'] * n
-  if not len(split_of['validation']):
-    _carve(np.asarray(labels), split_of, num_classes, origin, config)
-  return split_of, origin
 
 
 def table_source(config):
@@ -464,6 +459,7 @@ def table_source(config):
   keep = _unique_rows(t, paths, labels, splits, class_names)
   t.rows, t.numbers = [t.rows[i] for i in keep], [t.numbers[i] for i in keep]
   paths, labels, splits = ([x[i] for i in keep] for x in (paths, labels, splits))
-  split_of, origin = _table_split(t, labels, splits, len(class_names), config, split_col)
-  return _finish('table', path, class_names, paths, labels, split_of, origin, config,
+  _check_table_splits(t, splits, split_col)
+  origin = [f'table column {split_col}'] * len(paths)
+  return _finish('table', path, class_names, paths, labels, splits, origin, config,
                  order_given=given, hints=hints)
