@@ -13,7 +13,8 @@ run's image_size as in training.
   --folder   DIR/<class>/* (labels known; class folders must be the run's classes) and/or image
              files directly in DIR (no label)
   --table    a CSV/XLSX with the image column of the run's config (or --image_column); labels
-             from its label column or one-hot class columns when the table has them
+             from its label column (--label_column, the run's, or 'label') or one-hot class
+             columns when the table has them
 
 The CSV has one row per patch: path, label ('' when unknown), prediction, then p_<class> for
 every class (softmax probabilities, summing to 1). An existing --out is not replaced unless
@@ -38,6 +39,8 @@ flags.DEFINE_string('split', None, 'train | validation | test of the run\'s own 
 flags.DEFINE_string('folder', None, 'Folder of patches: DIR/<class>/* and/or DIR/*.')
 flags.DEFINE_string('table', None, 'CSV/XLSX table of patches.')
 flags.DEFINE_string('image_column', None, 'Image column of --table (default: the run\'s).')
+flags.DEFINE_string('label_column', None, 'Label column of --table (default: the run\'s, else '
+                    '"label" when the table has one).')
 flags.DEFINE_string('out', None, 'Output CSV.')
 flags.DEFINE_integer('batch_size', 0, 'Patches per step (default: the run\'s eval_batch_size).')
 flags.DEFINE_bool('skip_corrupt', False, 'Skip unreadable images (listed in the log).')
@@ -101,7 +104,9 @@ def table_examples(path, class_names, image_column, label_column):
   t = folder._Table(path)  # pylint: disable=protected-access
   t.require(image_column, 'image_column (or --image_column)')
   paths = folder._image_paths(t, image_column)  # pylint: disable=protected-access
-  if label_column and label_column in t.col:
+  label_column = label_column or ('label' if 'label' in t.col else '')
+  if label_column:
+    t.require(label_column, 'label_column (or --label_column)')
     values = t.values(label_column)
     outside = [f'{n} ({v!r})' for n, v in zip(t.numbers, values) if v and v not in class_names]
     if outside:
@@ -137,7 +142,7 @@ def checked_examples(paths, labels, where, skip_corrupt):
 def eval_step(run_model, mesh):
   """The run's own evaluation step (the model at its view of a full-resolution patch)."""
   from camkd_jax import distill  # pylint: disable=g-import-not-at-top
-  if run_model.view != 'upsampled':
+  if run_model.factor > 1 and run_model.view != 'upsampled':
     raise base.DataError(f'{run_model.path}: predict supports the upsampled student view, not '
                          f'{run_model.view!r}')
   return distill.make_eval_step(run_model.model, run_model.factor, mesh)
@@ -188,7 +193,8 @@ def summary(examples, probs, num_classes):
 
 
 def predict(workdir, out, which='student', split=None, folder=None, table=None,
-            image_column=None, batch_size=0, skip_corrupt=False, overwrite=False):
+            image_column=None, label_column=None, batch_size=0, skip_corrupt=False,
+            overwrite=False):
   """Writes `out`; returns (examples, probabilities, metrics on the labelled patches)."""
   from camkd_jax import inference  # pylint: disable=g-import-not-at-top
   given = [n for n, v in (('--split', split), ('--folder', folder), ('--table', table)) if v]
@@ -204,7 +210,7 @@ def predict(workdir, out, which='student', split=None, folder=None, table=None,
   else:
     paths, labels = (folder_examples(folder, names) if folder else table_examples(
         table, names, image_column or config.data.get('image_column', 'image'),
-        config.data.get('label_column', '')))
+        label_column or config.data.get('label_column', '')))
     examples = checked_examples(paths, labels, folder or table, skip_corrupt)
   probs = predict_probabilities(run_model, examples, batch_size or config.eval_batch_size)
   write_predictions(out, examples, probs, names)
@@ -216,8 +222,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
     examples, _, m = predict(FLAGS.workdir, FLAGS.out, FLAGS.model, FLAGS.split, FLAGS.folder,
-                             FLAGS.table, FLAGS.image_column, FLAGS.batch_size,
-                             FLAGS.skip_corrupt, FLAGS.overwrite)
+                             FLAGS.table, FLAGS.image_column, FLAGS.label_column,
+                             FLAGS.batch_size, FLAGS.skip_corrupt, FLAGS.overwrite)
   except (base.DataError, FileNotFoundError, ValueError) as e:
     sys.exit(f'error: {e}')
   line = f'wrote {len(examples)} predictions ({FLAGS.model}) to {FLAGS.out}'
