@@ -159,10 +159,11 @@ def predict_probabilities(run_model, examples, batch_size):
   step = eval_step(run_model, mesh)
   params = jax.device_put(run_model.params, distill.replicated(mesh))
   out = []
-  batches = input_pipeline._batches(examples, np.arange(len(examples)), bs,  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  batches = input_pipeline._batches(examples, np.arange(len(examples)), bs,
                                     run_model.image_size)
   for images, labels in batches:
-    batch = input_pipeline._pad(images, labels, bs)  # pylint: disable=protected-access
+    batch = input_pipeline._pad(images, labels, bs)
     x = jax.device_put(batch['image'], distill.batch_sharding(mesh))
     logits = np.asarray(jax.device_get(step(params, x)), np.float64)[batch['mask']]
     z = np.exp(logits - logits.max(-1, keepdims=True))

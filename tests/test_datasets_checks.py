@@ -47,7 +47,8 @@ def make_folder(root, layout, size=(8, 8)):
   for s, classes in layout.items():
     for k, (c, n) in enumerate(classes.items()):
       for i in range(n):
-        _write(os.path.join(root, s, c, f'{i:02d}.png'), _img(sum(map(ord, s)) * 1000 + 100 * k + i, *size))
+        seed = sum(map(ord, s)) * 1000 + 100 * k + i
+        _write(os.path.join(root, s, c, f'{i:02d}.png'), _img(seed, *size))
   return str(root)
 
 
@@ -194,7 +195,8 @@ MATRIX = [
     (case_class_missing_from_test, base.DataError,
      ["class(es) ['b'] have no test examples", "test counts {'a': 2, 'b': 0}"]),
     (case_class_too_small_for_validation, base.DataError,
-     ["class(es) ['b'] have no validation examples"]),
+     ["class(es) ['b'] have a single train image ({'b': 1}): too few to hold one out for "
+      'validation']),
     (case_corrupt_images, base.DataError,
      ['12 of 20 image(s) cannot be read or decoded', 'train/a/00.png (OSError: image file is '
       'truncated', 'train/b/00.png (UnidentifiedImageError: not an image format PIL can read)',

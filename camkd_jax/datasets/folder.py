@@ -145,27 +145,38 @@ def _readable(name, where, paths, config):
   return [i for i in range(len(paths)) if i not in drop], bad, sizes
 
 
-def _split_indices(labels, splits, origin, num_classes, config):
+def _split_indices(labels, splits, origin, class_names, config):
   """{split: indices} from each file's split ('' everywhere: config.data.split_ratio); carves
   validation out of train when there is none (updates `origin`)."""
   labels = np.asarray(labels)
   if not any(splits):
     origin[:] = ['seeded split (config.data.split_ratio)'] * len(labels)
-    return seeded_split(labels, num_classes, config.data.split_ratio,
+    return seeded_split(labels, len(class_names), config.data.split_ratio,
                         _opt(config, 'split_seed', 0))
   split_of = {s: np.asarray([i for i, x in enumerate(splits) if x == s], np.int64)
               for s in base.SPLITS}
   if not len(split_of['validation']):
-    fraction = float(_opt(config, 'val_fraction', 0.15))
-    seed = _opt(config, 'split_seed', 0)
-    train, val = carve_validation(labels, split_of['train'], num_classes, fraction, seed)
-    split_of['train'], split_of['validation'] = train, val
-    for i in val:
-      origin[int(i)] = f'carved from train (config.data.val_fraction={fraction:g})'
-    logging.info('no validation split given: held out %d of %d train images for validation, '
-                 'the same share of every class (config.data.val_fraction=%g, '
-                 'config.data.split_seed=%s)', len(val), len(val) + len(train), fraction, seed)
+    _carve(labels, split_of, origin, class_names, config)
   return split_of
+
+
+def _carve(labels, split_of, origin, class_names, config):
+  """Moves config.data.val_fraction of every train class to validation (in place)."""
+  fraction = float(_opt(config, 'val_fraction', 0.15))
+  seed = _opt(config, 'split_seed', 0)
+  counts = np.bincount(labels[split_of['train']], minlength=len(class_names))
+  few = {class_names[k]: int(n) for k, n in enumerate(counts) if n == 1}
+  if few:
+    raise DataError(f'class(es) {list(few)} have a single train image ({few}): too few to hold '
+                    'one out for validation (there is no validation split); add images, or '
+                    'give a validation folder / validation rows')
+  train, val = carve_validation(labels, split_of['train'], len(class_names), fraction, seed)
+  split_of['train'], split_of['validation'] = train, val
+  for i in val:
+    origin[int(i)] = f'carved from train (config.data.val_fraction={fraction:g})'
+  logging.info('no validation split given: held out %d of %d train images for validation, '
+               'the same share of every class (config.data.val_fraction=%g, '
+               'config.data.split_seed=%s)', len(val), len(val) + len(train), fraction, seed)
 
 
 def _finish(name, where, class_names, paths, labels, splits, origin, config, **extra):
@@ -176,7 +187,7 @@ def _finish(name, where, class_names, paths, labels, splits, origin, config, **e
              for i, r in bad]
   paths, splits, origin = ([x[i] for i in keep] for x in (paths, splits, origin))
   labels = np.asarray(labels, np.int32)[keep]
-  split_of = _split_indices(labels, splits, origin, len(class_names), config)
+  split_of = _split_indices(labels, splits, origin, class_names, config)
   parts, records = {}, []
   for s in base.SPLITS:
     idx = [int(i) for i in split_of[s]]
