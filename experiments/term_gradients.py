@@ -131,6 +131,7 @@ def main(argv=None):
   config = cell_config(args)
   mesh = sharding.make_mesh()
   data = input_pipeline.get_data(config)
+  config = input_pipeline.resolve_input_stats(config, data)  # model.input_mean/std = 'auto'
   model = models.from_config(config.model, data.num_classes)
   _, step_cfg = train.step_configs(config)
   template = train.abstract_params(model, data.image_size, mesh)
