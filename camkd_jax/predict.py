@@ -4,8 +4,9 @@ r"""Per-patch predictions of a finished run: class probabilities, the prediction
   python -m camkd_jax.predict --workdir RUN --folder DIR --out predictions.csv
   python -m camkd_jax.predict --workdir RUN --table FILE.csv --out predictions.csv --model teacher
 
-The model is the run's exported student (default; it sees each patch at its own magnification,
-exactly as in the run's evaluation) or teacher, loaded by camkd_jax.inference.load_run_model.
+The model is the run's exported student (default; it sees each patch at its own magnification
+and view, upsampled or native, exactly as in the run's evaluation) or teacher, loaded by
+camkd_jax.inference.load_run_model.
 Patches are given at the teacher's magnification, like the training data, and resized to the
 run's image_size as in training.
 
@@ -140,31 +141,29 @@ def checked_examples(paths, labels, where, skip_corrupt):
 
 # ----------------------------------------------------------------------------- predicting
 def eval_step(run_model, mesh):
-  """The run's own evaluation step (the model at its view of a full-resolution patch)."""
+  """The run's own evaluation step: the model at its view (upsampled or native) of a
+  full-resolution patch, as in training."""
   from camkd_jax import distill  # pylint: disable=g-import-not-at-top
-  if run_model.factor > 1 and run_model.view != 'upsampled':
-    raise base.DataError(f'{run_model.path}: predict supports the upsampled student view, not '
-                         f'{run_model.view!r}')
-  return distill.make_eval_step(run_model.model, run_model.factor, mesh)
+  return distill.make_eval_step(run_model.model, run_model.factor, mesh, run_model.view)
 
 
 def predict_probabilities(run_model, examples, batch_size):
   """(N, C) float64 softmax probabilities of every example, in order."""
   import jax  # pylint: disable=g-import-not-at-top
-  from camkd_jax import distill  # pylint: disable=g-import-not-at-top
   from camkd_jax import inference  # pylint: disable=g-import-not-at-top
   from camkd_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from camkd_jax import sharding  # pylint: disable=g-import-not-at-top
   mesh = inference.local_mesh()
   bs = max(mesh.size, -(-int(batch_size) // mesh.size) * mesh.size)
   step = eval_step(run_model, mesh)
-  params = jax.device_put(run_model.params, distill.replicated(mesh))
+  params = jax.device_put(run_model.params, sharding.replicated(mesh))
   out = []
   # pylint: disable=protected-access
   batches = input_pipeline._batches(examples, np.arange(len(examples)), bs,
                                     run_model.image_size)
   for images, labels in batches:
     batch = input_pipeline._pad(images, labels, bs)
-    x = jax.device_put(batch['image'], distill.batch_sharding(mesh))
+    x = jax.device_put(batch['image'], sharding.batch_sharding(mesh))
     logits = np.asarray(jax.device_get(step(params, x)), np.float64)[batch['mask']]
     z = np.exp(logits - logits.max(-1, keepdims=True))
     out.append(z / z.sum(-1, keepdims=True))
