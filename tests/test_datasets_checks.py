@@ -417,3 +417,13 @@ def test_auto_input_statistics_match_numpy(tmp_path):
   assert all(isinstance(v, float) for v in resolved.model.input_mean)
   from camkd_jax import models  # pylint: disable=g-import-not-at-top
   models.from_config(resolved.model, 2)  # numbers a model can be built from
+
+
+def test_cpu_preset_and_unknown_preset():
+  c = base_config.base_config('dataset=folder,root=/data,preset=cpu')
+  assert (c.image_size, c.model.width, c.batch_size, c.teacher.num_epochs, c.num_epochs) == (
+      128, 0.25, 32, 10, 30)
+  assert c.model.input_mean == 'auto' and c.model.input_std == 'auto'
+  c.model.input_mean = (0.5, 0.5, 0.5)  # numbers may replace 'auto' (a field of type object)
+  with pytest.raises(ValueError, match=r"unknown preset='gpu'; known: \['cpu'\]"):
+    base_config.base_config('preset=gpu')
