@@ -20,6 +20,9 @@ RESUMABLE_KEYS = ('overwrite', 'distributed', 'log_every_steps', 'checkpoint_eve
 # Keys removed from the configs that an older workdir's config.json may still hold; none of them
 # changed results, so such a workdir resumes.
 RETIRED_KEYS = ('shuffle_buffer',)
+# Keys added to the configs later, with the value that does what older runs did: an older
+# workdir's config.json without the key resumes while this run keeps that value.
+ADDED_KEYS = {'data.class_names': '', 'data.val_fraction': 0.15}
 # Everything a run writes into its workdir (what config.overwrite clears).
 OUTPUTS = ('config.json', 'metrics.json', 'results.md', 'figures', 'tensorboard', 'checkpoints',
            'teacher', 'student')
@@ -50,7 +53,7 @@ def config_dict(config) -> Dict[str, Any]:
 
 def config_differences(old: Dict, new: Dict) -> List[str]:
   """'key: old -> new' for every result-relevant key that differs."""
-  a, b = _flatten(old), _flatten(new)
+  a, b = {**ADDED_KEYS, **_flatten(old)}, _flatten(new)
   keys = sorted((set(a) | set(b)) - set(RESUMABLE_KEYS) - set(RETIRED_KEYS))
   return [f'{k}: {a.get(k, "<absent>")!r} -> {b.get(k, "<absent>")!r}'
           for k in keys if a.get(k, '<absent>') != b.get(k, '<absent>')]

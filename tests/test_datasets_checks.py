@@ -427,3 +427,14 @@ def test_cpu_preset_and_unknown_preset():
   c.model.input_mean = (0.5, 0.5, 0.5)  # numbers may replace 'auto' (a field of type object)
   with pytest.raises(ValueError, match=r"unknown preset='gpu'; known: \['cpu'\]"):
     base_config.base_config('preset=gpu')
+
+
+def test_older_workdir_without_the_new_data_keys_resumes():
+  from camkd_jax import workdir  # pylint: disable=g-import-not-at-top
+  new = workdir.config_dict(base_config.base_config('smoke=1'))
+  old = {**new, 'data': {k: v for k, v in new['data'].items()
+                         if k not in ('class_names', 'val_fraction')}}
+  assert workdir.config_differences(old, new) == []
+  changed = {**new, 'data': {**new['data'], 'class_names': 'NC,G3,G4,G5'}}
+  assert workdir.config_differences(old, changed) == [
+      "data.class_names: '' -> 'NC,G3,G4,G5'"]
