@@ -53,7 +53,8 @@ def config_dict(config) -> Dict[str, Any]:
 
 def config_differences(old: Dict, new: Dict) -> List[str]:
   """'key: old -> new' for every result-relevant key that differs."""
-  a, b = {**ADDED_KEYS, **_flatten(old)}, _flatten(new)
+  b = _flatten(new)
+  a = {**{k: v for k, v in ADDED_KEYS.items() if k in b}, **_flatten(old)}
   keys = sorted((set(a) | set(b)) - set(RESUMABLE_KEYS) - set(RETIRED_KEYS))
   return [f'{k}: {a.get(k, "<absent>")!r} -> {b.get(k, "<absent>")!r}'
           for k in keys if a.get(k, '<absent>') != b.get(k, '<absent>')]

@@ -12,9 +12,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-pytest.importorskip('tensorflow', reason='the input pipeline needs TensorFlow')
-
-from camkd_jax import datasets  # pylint: disable=g-import-not-at-top
+from camkd_jax import datasets
 from camkd_jax import input_pipeline as ip
 from camkd_jax.datasets import base
 from camkd_jax.datasets import folder
@@ -262,8 +260,8 @@ def test_skip_corrupt_logs_every_file_and_records_them(tmp_path, caplog):
 
 def test_cli_prints_one_line_without_traceback(tmp_path):
   """`python -m camkd_jax.main` on bad data: 'error: <message>' and exit code 1."""
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
+  import subprocess
+  import sys
   make_folder(tmp_path / 'd', {'train': {'a': 4, 'b': 4}, 'test': {'a': 2}})
   env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
   proc = subprocess.run(
@@ -415,7 +413,7 @@ def test_auto_input_statistics_match_numpy(tmp_path):
   np.testing.assert_allclose(resolved.model.input_mean, x.mean(0), atol=1e-6)
   np.testing.assert_allclose(resolved.model.input_std, x.std(0), atol=1e-6)
   assert all(isinstance(v, float) for v in resolved.model.input_mean)
-  from camkd_jax import models  # pylint: disable=g-import-not-at-top
+  from camkd_jax import models
   models.from_config(resolved.model, 2)  # numbers a model can be built from
 
 
@@ -428,13 +426,3 @@ def test_cpu_preset_and_unknown_preset():
   with pytest.raises(ValueError, match=r"unknown preset='gpu'; known: \['cpu'\]"):
     base_config.base_config('preset=gpu')
 
-
-def test_older_workdir_without_the_new_data_keys_resumes():
-  from camkd_jax import workdir  # pylint: disable=g-import-not-at-top
-  new = workdir.config_dict(base_config.base_config('smoke=1'))
-  old = {**new, 'data': {k: v for k, v in new['data'].items()
-                         if k not in ('class_names', 'val_fraction')}}
-  assert workdir.config_differences(old, new) == []
-  changed = {**new, 'data': {**new['data'], 'class_names': 'NC,G3,G4,G5'}}
-  assert workdir.config_differences(old, changed) == [
-      "data.class_names: '' -> 'NC,G3,G4,G5'"]

@@ -10,9 +10,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-pytest.importorskip('tensorflow', reason='the input pipeline needs TensorFlow')
-
-from camkd_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+from camkd_jax import input_pipeline
 from camkd_jax import metrics
 from camkd_jax import predict
 from camkd_jax import train

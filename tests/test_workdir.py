@@ -6,6 +6,7 @@ import pytest
 
 from camkd_jax import workdir as workdir_lib
 from configs import attn_kd
+from configs import base
 from configs import teacher
 from helpers import load_json
 from helpers import smoke_config
@@ -65,3 +66,13 @@ def test_clear_workdir_keeps_a_teacher_inside_it(tmp_path):
   config = smoke_config(**{'teacher.checkpoint': str(workdir / 'teacher')})
   with pytest.raises(ValueError, match='lies inside .* copy the teacher elsewhere'):
     workdir_lib.clear_workdir(config, str(workdir))
+
+
+def test_older_workdir_without_the_new_data_keys_resumes():
+  new = workdir_lib.config_dict(base.base_config('smoke=1'))
+  old = {**new, 'data': {k: v for k, v in new['data'].items()
+                         if k not in ('class_names', 'val_fraction')}}
+  assert workdir_lib.config_differences(old, new) == []
+  changed = {**new, 'data': {**new['data'], 'class_names': 'NC,G3,G4,G5'}}
+  assert workdir_lib.config_differences(old, changed) == [
+      "data.class_names: '' -> 'NC,G3,G4,G5'"]
