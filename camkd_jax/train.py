@@ -33,6 +33,8 @@ import numpy as np
 from camkd_jax import checkpoints
 from camkd_jax import distill
 from camkd_jax import distributed
+from camkd_jax import errors
+from camkd_jax import interrupts
 from camkd_jax import metrics as metrics_lib
 from camkd_jax import models
 from camkd_jax import ops
@@ -49,7 +51,23 @@ SELECTION_METRICS = ('kappa', 'balanced_accuracy', 'accuracy')
 
 # ----------------------------------------------------------------------------- config checks
 def validate_config(config, num_devices: int):
-  """Fails early, naming the config key, on anything the run would trip over later."""
+  """Fails early, naming the config key, on anything the run would trip over later (ConfigError,
+  or ModelExportError for a broken config.teacher.checkpoint)."""
+  try:
+    _validate_config(config, num_devices)
+  except errors.UserError:
+    raise
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from e
+
+
+def _validate_config(config, num_devices: int):
+  for key in ('magnification', 'base_magnification'):
+    value = float(config[key])
+    if not value > 0:  # NaN included
+      raise ValueError(
+          f'config.{key}={value:g} is not a magnification: use a positive objective power such '
+          f'as 10, 5, 2.5, 1.25 or 0.625 (base_magnification / a power of two)')
   if config.method not in METHODS:
     raise ValueError(f'unknown config.method {config.method!r}; known: {list(METHODS)}')
   if config.data.name not in DATASETS:
@@ -77,8 +95,8 @@ def validate_config(config, num_devices: int):
     raise ValueError(f'config.teacher.num_epochs must be > 0, got {config.teacher.num_epochs}')
   if int(config.checkpoint_every_steps) < 0:
     raise ValueError('config.checkpoint_every_steps must be >= 0 (0: only at epoch ends)')
-  if config.teacher.checkpoint and not checkpoints.is_finished_model(config.teacher.checkpoint):
-    checkpoints.read_metadata(config.teacher.checkpoint)  # raises, naming what is missing
+  if config.teacher.checkpoint:
+    checkpoints.check_export(config.teacher.checkpoint)  # raises, naming what is missing
   models.get_model(config.model.name, 2, config.model.width, config.model.dtype)
   validate_init(config)
   distill.make_optimizer(config.optimizer)
@@ -251,9 +269,13 @@ def check_teacher_metadata(meta, config, data, path):
     if have != need:
       problems.append(f'{key}: teacher {have!r}, this config {need!r}')
   if problems:
-    raise ValueError(f'the teacher in {path} does not match this run:\n  ' + '\n  '.join(problems)
-                     + '\nTrain a matching teacher (leave config.teacher.checkpoint empty and use '
-                     'a fresh workdir) or set the config to the teacher\'s values.')
+    own = not config.teacher.checkpoint
+    fix = ('Pass --config.overwrite=True --config.overwrite_teacher=True to delete it and train a '
+           'new one, use another --workdir, or set the config to the teacher\'s values.' if own else
+           'Train a matching teacher (leave config.teacher.checkpoint empty and use a fresh '
+           'workdir) or set the config to the teacher\'s values.')
+    raise errors.WorkdirError(f'the teacher in {path} does not match this run:\n  ' +
+                              '\n  '.join(problems) + '\n' + fix)
 
 
 def abstract_params(model, image_size, mesh):

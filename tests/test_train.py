@@ -110,7 +110,8 @@ def test_parse_seeds_and_default_workdir():
 def test_workdir_of_a_different_config_is_refused(tmp_path):
   workdir = str(tmp_path / 'run')
   workdir_lib.prepare_workdir(smoke_config(), workdir)
-  keep = tmp_path / 'run' / 'checkpoints' / 'student'
+  # A checkpoint step: the workdir holds training (one without any is taken as fresh, below).
+  keep = tmp_path / 'run' / 'checkpoints' / 'student' / '3'
   keep.mkdir(parents=True)
   # Same results-relevant config (only logging / checkpoint cadence changed): accepted.
   workdir_lib.prepare_workdir(smoke_config(log_every_steps=1, checkpoint_every_steps=2), workdir)
