@@ -155,7 +155,7 @@ def load_model(directory: str, params_template) -> Tuple[Any, Dict[str, Any]]:
                              f'model: {e}') from e
   except Exception as e:  # pylint: disable=broad-except
     # Missing or cut array files: tensorstore / orbax raise their own types.
-    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    first = (str(e).strip().splitlines() or [''])[0].split('. See full')[0][:300]
     raise _export_error(directory, f'{PARAMS}/ cannot be read, it is truncated or damaged '
                         f'({type(e).__name__}: {first})') from e
   finally:
