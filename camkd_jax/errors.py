@@ -41,7 +41,10 @@ class ModelExportError(UserError, FileNotFoundError):
 
 
 class OutputError(UserError, OSError):
-  """The disk refused a write (full, read-only, no permission)."""
+  """The disk refused a write (full, read-only, no permission); errno and filename are set."""
+
+  def __str__(self):
+    return str(self.args[0])  # the sentence (OSError's own text would be '[Errno N] ...')
 
 
 class Interrupted(UserError):
