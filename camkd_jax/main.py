@@ -99,6 +99,8 @@ def flag_error_message(error, argv) -> str:
     last = key.rsplit('.', 1)[-1]
     if key and re.search(rf'\b{re.escape(last)}\b', text):
       keys = _config_keys(argv)
+      if key in keys:  # a known key with a bad value: absl's message says what is wrong
+        break
       return (f'unknown config key {key!r} in {a}{errors.closest(key, keys)}; the keys are '
               'defined in configs/base.py')
   return text.splitlines()[0] if text else type(error).__name__
