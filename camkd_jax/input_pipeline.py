@@ -16,6 +16,7 @@ import math
 from typing import Iterator, Optional
 
 from absl import logging
+from camkd_jax import quiet_tf  # noqa: F401  (before TensorFlow)
 import numpy as np
 import tensorflow as tf
 

@@ -14,10 +14,9 @@ import os
 import re
 import sys
 
-# TensorFlow (input pipeline only) is chatty at start-up; keep the console for progress lines.
-# Both before TensorFlow is first imported: its oneDNN notice is printed at import time.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
-os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+# TensorFlow (input pipeline only) is chatty at start-up (its oneDNN notice); keep the console
+# for progress lines. Before anything imports TensorFlow.
+from camkd_jax import quiet_tf  # noqa: F401  pylint: disable=unused-import
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -34,6 +34,7 @@ def last_written_step(logdir: str) -> Optional[int]:
            if 'tfevents' in f] if os.path.isdir(logdir) else []
   if not files:
     return None
+  from camkd_jax import quiet_tf  # pylint: disable=g-import-not-at-top,unused-import
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   last = None
   for path in files:
