@@ -448,6 +448,7 @@ class StageRunner:
     self.eval_step = distill.make_eval_step(stage.model, stage.step_config.factor, mesh,
                                             stage.step_config.view)
     self.saved = self.ckpt.latest_step()  # the latest checkpointed step (None: none yet)
+    interrupts.progress(stage.name, self.saved or 0, self.saved)
     self.state, self.best_params, self.progress = self.restore_or_init()
     self.epoch_losses = metrics_lib.LossMeans.from_state(self.progress.get('epoch_losses'))
     self.writer = reporting.make_writer(os.path.join(stage.workdir, 'tensorboard', stage.name),
@@ -603,6 +604,7 @@ class StageRunner:
     self.progress['epoch_losses'] = self.epoch_losses.state()
     self.ckpt.save(step, self.state, self.best_params, self.progress)
     self.saved = step
+    interrupts.progress(self.stage.name, step, step)
     self.writer.flush()
 
   def stop_if_interrupted(self, step):
