@@ -8,16 +8,22 @@ Outside a loop (data loading, exports, figures) a signal raises errors.Interrupt
 of a stage is lost there (its last step is checkpointed before its loop ends). A second Ctrl-C
 during a deferred stop raises at once too. camkd_jax.main exits with 130 (SIGINT) or 143 (SIGTERM).
 
+A signal that lands in code whose exceptions Python only prints (JAX's garbage-collection
+callback, a __del__) is sent again from a helper thread (sys.unraisablehook), so it is neither
+printed as a traceback nor lost.
+
 The state is per process: with several processes, a scheduler signals every one of them.
 """
 import contextlib
 import signal
+import sys
 import threading
 from typing import Optional
 
 from camkd_jax import errors
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+RESEND_DELAY_S = 0.01
 
 
 class _State:
@@ -49,16 +55,35 @@ def _handler(signum, frame):  # pylint: disable=unused-argument
   again = _state.signum is not None
   _state.signum = signum
   if not _state.deferring or again:
+    # Raised from wherever the main thread is; if that is a callback whose exceptions Python
+    # only prints, _unraisable raises it again.
     raise errors.Interrupted(resume_message(signum), signum)
+
+
+def _unraisable(info):
+  """An Interrupted raised where Python can only print it (a garbage-collection callback, a
+  __del__) is raised again in the main thread's own code instead of being printed and lost."""
+  if isinstance(info.exc_value, errors.Interrupted):
+    # The same signal again, from a helper thread, once this hook has returned.
+    threading.Timer(RESEND_DELAY_S, signal.pthread_kill,
+                    (threading.main_thread().ident, info.exc_value.signum)).start()
+    return
+  _previous_hook(info)
+
+
+_previous_hook = sys.unraisablehook
 
 
 def install():
   """Handles SIGINT and SIGTERM as above (main thread only; elsewhere a no-op)."""
+  global _previous_hook
   if threading.current_thread() is not threading.main_thread():
     return
   reset()
   for s in SIGNALS:
     signal.signal(s, _handler)
+  if sys.unraisablehook is not _unraisable:
+    _previous_hook, sys.unraisablehook = sys.unraisablehook, _unraisable
 
 
 def reset():

@@ -4,6 +4,8 @@ import errno
 import json
 import os
 import signal
+import sys
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -201,4 +203,30 @@ def test_signal_inside_a_loop_is_deferred_then_a_second_one_raises():
   finally:
     for s, h in old.items():
       signal.signal(s, h)
+    interrupts.reset()
+
+
+def test_signal_swallowed_by_a_callback_is_raised_again(capfd):
+  """A signal that lands in a __del__ (or JAX's GC callback): Python would print the exception
+  and go on; it is raised again in the main code instead, and nothing is printed."""
+  old = {s: signal.getsignal(s) for s in interrupts.SIGNALS}
+  hook = sys.unraisablehook
+
+  class SignalInDel:
+    def __del__(self):
+      os.kill(os.getpid(), signal.SIGTERM)
+      for _ in range(100):  # the handler runs here, inside __del__
+        pass
+  try:
+    interrupts.install()
+    with pytest.raises(errors.Interrupted, match=r'\(SIGTERM\)'):
+      obj = SignalInDel()
+      del obj
+      for _ in range(100):
+        time.sleep(0.001)
+    assert 'Traceback' not in capfd.readouterr().err
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
+    sys.unraisablehook = hook
     interrupts.reset()
