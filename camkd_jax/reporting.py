@@ -15,9 +15,9 @@ from camkd_jax import metrics as metrics_lib
 def make_writer(logdir: str, is_main: bool, resume: bool = False):
   """clu metric writer: TensorBoard scalars in `logdir` on process 0, a no-op elsewhere.
 
-  resume: the stage resumes from a checkpoint; steps that `logdir` already holds (written before
-  an interruption, replayed after the resume with the same values) are not written again, so
-  TensorBoard shows no duplicate points.
+  resume: steps that `logdir` already holds (written before an interruption, replayed after
+  the resume with the same values) are not written again, so TensorBoard shows no duplicate
+  points.
   """
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   if not is_main:

@@ -451,8 +451,10 @@ class StageRunner:
     interrupts.progress(stage.name, self.saved or 0, self.saved)
     self.state, self.best_params, self.progress = self.restore_or_init()
     self.epoch_losses = metrics_lib.LossMeans.from_state(self.progress.get('epoch_losses'))
+    # resume=True also when no checkpoint exists: events of a run killed before its first
+    # checkpoint (same config: prepare_workdir clears another config's) are replayed identically.
     self.writer = reporting.make_writer(os.path.join(stage.workdir, 'tensorboard', stage.name),
-                                        distributed.is_main(), resume=self.saved is not None)
+                                        distributed.is_main(), resume=True)
     # Throughput / ETA clocks: since the end of the first step of run() (its compilation left
     # out), and since the last log line.
     self.t_start, self.t_log = None, time.time()
