@@ -59,6 +59,14 @@ class Interrupted(UserError):
     return EXIT_SIGTERM if self.signum == signal.SIGTERM else EXIT_SIGINT
 
 
+def is_user_error(exc: BaseException) -> bool:
+  """A UserError, or a camkd_jax DataError (camkd_jax.datasets.base) even where that class does
+  not derive from UserError yet."""
+  return isinstance(exc, UserError) or any(
+      c.__name__ == 'DataError' and c.__module__.startswith('camkd_jax.')
+      for c in type(exc).__mro__)
+
+
 def closest(name: str, known: Iterable[str]) -> str:
   """" (did you mean 'x'?)" for the closest known name, or ''."""
   known = list(known)

@@ -126,7 +126,9 @@ def main(argv):
     _main(argv)
   except errors.Interrupted as e:
     _fail(str(e), e.exit_code)
-  except errors.UserError as e:
+  except Exception as e:  # pylint: disable=broad-except
+    if not errors.is_user_error(e):
+      raise  # a bug: keep the traceback
     _fail(str(e))
 
 

@@ -230,3 +230,13 @@ def test_signal_swallowed_by_a_callback_is_raised_again(capfd):
       signal.signal(s, h)
     sys.unraisablehook = hook
     interrupts.reset()
+
+
+def test_user_errors_include_data_errors():
+  class DataError(ValueError):
+    pass
+  DataError.__module__ = 'camkd_jax.datasets.base'
+  class Sub(DataError):
+    pass
+  assert errors.is_user_error(errors.ConfigError('x')) and errors.is_user_error(Sub('x'))
+  assert not errors.is_user_error(ValueError('x')) and not errors.is_user_error(KeyError('x'))
