@@ -20,8 +20,9 @@ from camkd_jax import distributed
 from camkd_jax import errors
 
 # Keys that do not change what a run computes: a workdir may be resumed with other values.
-RESUMABLE_KEYS = ('overwrite', 'overwrite_teacher', 'distributed', 'log_every_steps', 'checkpoint_every_steps',
-                  'num_figure_images', 'data.data_dir', 'data.manual_dir')
+RESUMABLE_KEYS = ('overwrite', 'overwrite_teacher', 'distributed', 'log_every_steps',
+                  'checkpoint_every_steps', 'num_figure_images', 'data.data_dir',
+                  'data.manual_dir')
 # Keys removed from the configs that an older workdir's config.json may still hold; none of them
 # changed results, so such a workdir resumes.
 RETIRED_KEYS = ('shuffle_buffer',)
@@ -99,9 +100,14 @@ TEACHER_KEYS = {'model.name': 'model.name', 'model.width': 'model.width',
                 'image_size': 'image_size', 'dataset': 'data.name'}
 
 
-def teacher_mismatches(meta: Dict, config) -> List[str]:
+def teacher_mismatches(meta: Dict, config, seed: Optional[int] = None) -> List[str]:
+  """'key: teacher X, this config Y' for each TEACHER_KEYS entry and the seed (`seed`: the run's
+  seed, config.seed unless a seed_<n>/ run) that differ."""
   new = _flatten(config_dict(config))
   out = []
+  want_seed = int(config.seed if seed is None else seed)
+  if meta.get('seed') is not None and int(meta['seed']) != want_seed:
+    out.append(f'seed: teacher {meta["seed"]}, this config {want_seed}')
   for mkey, ckey in TEACHER_KEYS.items():
     have = _get(meta, mkey)
     want = new.get(ckey)
@@ -163,7 +169,9 @@ def clear_workdir(config, workdir: str, quiet: bool = False):
   teachers = trained_teachers(workdir)
   if keep_teacher:
     for t in teachers:
-      problems = teacher_mismatches(checkpoints.read_metadata(t), config)
+      run = os.path.basename(os.path.dirname(t))
+      seed = int(run[len('seed_'):]) if run.startswith('seed_') else None
+      problems = teacher_mismatches(checkpoints.read_metadata(t), config, seed)
       if problems:
         raise errors.WorkdirError(
             f'config.overwrite would keep the trained teacher in {t}, but it does not fit this '

@@ -126,8 +126,8 @@ def test_overwrite_teacher_deletes_it(tmp_path):
 def test_overwrite_keeps_seed_teachers(tmp_path):
   workdir = tmp_path / 'run'
   workdir_lib.prepare_workdir(smoke_config(seeds='22,32'), str(workdir))
-  for seed in ('seed_22', 'seed_32'):
-    fake_teacher(workdir / seed, smoke_config())
+  for seed in ('seed_22', 'seed_32'):  # each seed's teacher carries its own seed
+    fake_teacher(workdir / seed, smoke_config(seed=int(seed[5:])))
     (workdir / seed / 'checkpoints' / 'student' / '3').mkdir(parents=True)
   workdir_lib.prepare_workdir(smoke_config(**{'seeds': '22,32', 'loss.fm': 0.5,
                                              'overwrite': True}), str(workdir))
@@ -151,3 +151,11 @@ def test_truncated_config_json_is_replaced(tmp_path, caplog):
   with caplog.at_level(logging.WARNING):
     workdir_lib.prepare_workdir(smoke_config(), str(workdir))
   assert config_json(workdir)['method'] == 'attn_kd' and 'not valid JSON' in caplog.text
+
+
+def test_overwrite_refuses_a_teacher_of_another_seed(tmp_path):
+  workdir = tmp_path / 'run'
+  workdir_lib.prepare_workdir(smoke_config(), str(workdir))
+  fake_teacher(workdir, smoke_config())  # seed 22
+  with pytest.raises(errors.WorkdirError, match=r'seed: teacher 22, this config 7'):
+    workdir_lib.prepare_workdir(smoke_config(seed=7, overwrite=True), str(workdir))
