@@ -91,6 +91,10 @@ def find_disk_error(exc: BaseException) -> Optional[OSError]:
     seen.add(id(exc))
     if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
       return exc
+    # TensorFlow's file errors (TensorBoard events) carry no errno, only the system's text.
+    for code in DISK_ERRNOS:
+      if not isinstance(exc, OSError) and os.strerror(code) in str(exc):
+        return OSError(code, os.strerror(code))
     exc = exc.__cause__ or exc.__context__
   return None
 

@@ -23,8 +23,10 @@ def make_writer(logdir: str, is_main: bool, resume: bool = False):
   if not is_main:
     return metric_writers.MultiWriter([])
   last = last_written_step(logdir) if resume else None
-  writer = metric_writers.SummaryWriter(logdir)
-  return writer if last is None else SkipWrittenSteps(writer, last)
+  from camkd_jax import errors  # pylint: disable=g-import-not-at-top
+  with errors.disk_writes(logdir, 'TensorBoard events'):
+    writer = metric_writers.SummaryWriter(logdir)
+  return SkipWrittenSteps(writer, -1 if last is None else last, logdir)
 
 
 def last_written_step(logdir: str) -> Optional[int]:
@@ -48,20 +50,28 @@ def last_written_step(logdir: str) -> Optional[int]:
 
 
 class SkipWrittenSteps:
-  """A metric writer that drops scalars of steps <= `last` (already in the event files)."""
+  """A metric writer that drops scalars of steps <= `last` (already in the event files); a full
+  or read-only disk ends the run with errors.OutputError naming `logdir`."""
 
-  def __init__(self, writer, last: int):
-    self.writer, self.last = writer, int(last)
+  def __init__(self, writer, last: int, logdir: str = ''):
+    self.writer, self.last, self.logdir = writer, int(last), logdir
+
+  def _guard(self):
+    from camkd_jax import errors  # pylint: disable=g-import-not-at-top
+    return errors.disk_writes(self.logdir, 'TensorBoard events')
 
   def write_scalars(self, step, scalars):
     if int(step) > self.last:
-      self.writer.write_scalars(step, scalars)
+      with self._guard():
+        self.writer.write_scalars(step, scalars)
 
   def flush(self):
-    self.writer.flush()
+    with self._guard():
+      self.writer.flush()
 
   def close(self):
-    self.writer.close()
+    with self._guard():
+      self.writer.close()
 
 
 # ----------------------------------------------------------------------------- tables

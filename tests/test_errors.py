@@ -240,3 +240,16 @@ def test_user_errors_include_data_errors():
     pass
   assert errors.is_user_error(errors.ConfigError('x')) and errors.is_user_error(Sub('x'))
   assert not errors.is_user_error(ValueError('x')) and not errors.is_user_error(KeyError('x'))
+
+
+def test_tensorboard_disk_error_is_named(tmp_path):
+  """TensorFlow's errors have no errno: the system's text identifies the disk fault."""
+  from camkd_jax import reporting  # pylint: disable=g-import-not-at-top
+
+  class Full:
+    def write_scalars(self, step, scalars):
+      raise RuntimeError('tensorflow: /x/events.out: No space left on device')
+  w = reporting.SkipWrittenSteps(Full(), -1, str(tmp_path / 'tb'))
+  with pytest.raises(errors.OutputError, match=r'cannot write TensorBoard events to .*tb: the disk '
+                                               r'is full'):
+    w.write_scalars(1, {'a': 1.0})
