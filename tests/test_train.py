@@ -323,7 +323,7 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path, cache_env):
   ckpt = checkpoints.StageCheckpoints(str(workdir / 'checkpoints' / 'teacher'))
   assert ckpt.latest_step() == 1
   import jax  # pylint: disable=g-import-not-at-top
-  from camkd_jax import models, sharding  # pylint: disable=g-import-not-at-top
+  from camkd_jax import distill, models, sharding  # pylint: disable=g-import-not-at-top
   config = base.base_config('smoke=1')
   model = models.from_config(config.model, 4)
   params = train.init_params(model, 0, config.image_size)
