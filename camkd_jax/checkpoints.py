@@ -24,6 +24,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from camkd_jax import errors
+
 METADATA = 'metadata.json'
 PARAMS = 'params'
 
@@ -52,10 +54,12 @@ class StageCheckpoints:
     """Saves one step (collective). A step already on disk is left as it is."""
     if step in self.manager.all_steps():
       return
-    self.manager.save(int(step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), best=ocp.args.StandardSave(best_params),
-        progress=ocp.args.JsonSave(_jsonable(progress))))
-    self.manager.wait_until_finished()
+    resume = f' (it resumes from step {self.latest_step() or 0})'
+    with errors.disk_writes(self.directory, f'the checkpoint of step {step}', resume):
+      self.manager.save(int(step), args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), best=ocp.args.StandardSave(best_params),
+          progress=ocp.args.JsonSave(_jsonable(progress))))
+      self.manager.wait_until_finished()
 
   def restore(self, step: int, state_template, best_template) -> Tuple[Any, Any, Dict]:
     """(state, best_params, progress) of `step`, placed like the templates."""
@@ -72,6 +76,11 @@ class StageCheckpoints:
 def save_model(directory: str, params, metadata: Dict[str, Any]):
   """Exports finished parameters and their metadata (collective)."""
   directory = os.path.abspath(directory)
+  with errors.disk_writes(directory, 'the model export'):
+    _save_model(directory, params, metadata)
+
+
+def _save_model(directory: str, params, metadata: Dict[str, Any]):
   path = os.path.join(directory, PARAMS)
   checkpointer = ocp.StandardCheckpointer()
   # A previous export that never got its metadata (killed in between) is replaced. Process 0
@@ -90,26 +99,65 @@ def is_finished_model(directory: str) -> bool:
   return os.path.isfile(os.path.join(directory, METADATA))
 
 
+# What a loader needs from metadata.json (train.model_metadata writes more).
+REQUIRED_METADATA = ('model', 'image_size', 'class_names', 'num_classes')
+# Files orbax writes into every finished params/ checkpoint.
+PARAMS_FILES = ('_METADATA', '_CHECKPOINT_METADATA')
+
+
+def _export_error(directory: str, problem: str) -> errors.ModelExportError:
+  return errors.ModelExportError(
+      f'{directory} is not a usable camkd_jax model export: {problem}. An export is a directory '
+      f'with {PARAMS}/ and {METADATA}, as a teacher run writes to <workdir>/teacher; copy it '
+      'again from its run, or retrain it (leave config.teacher.checkpoint empty).')
+
+
 def read_metadata(directory: str) -> Dict[str, Any]:
+  """metadata.json of an export; errors name what is missing or damaged."""
   path = os.path.join(directory, METADATA)
+  if not os.path.isdir(directory):
+    raise _export_error(directory, f'the directory does not exist ({METADATA} not found)')
   if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f'{path} not found: {directory} is not a finished camkd_jax model export (a directory with '
-        f'{PARAMS}/ and {METADATA}, as written to <workdir>/teacher by a teacher run).')
-  with open(path) as f:
-    return json.load(f)
+    raise _export_error(directory, f'{METADATA} not found (the export never finished, or the '
+                        'file was not copied)')
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise _export_error(directory, f'{METADATA} is truncated or not JSON ({e})') from None
+  missing = [k for k in REQUIRED_METADATA if not isinstance(meta, dict) or k not in meta]
+  if missing:
+    raise _export_error(directory, f'{METADATA} lacks the key(s) {missing}')
+  return meta
+
+
+def check_export(directory: str) -> Dict[str, Any]:
+  """The metadata of a complete export; errors name a missing or incomplete params/."""
+  meta = read_metadata(directory)
+  params = os.path.join(directory, PARAMS)
+  if not os.path.isdir(params):
+    raise _export_error(directory, f'{PARAMS}/ not found')
+  missing = [f for f in PARAMS_FILES if not os.path.isfile(os.path.join(params, f))]
+  if missing:
+    raise _export_error(directory, f'{PARAMS}/ is incomplete (no {", ".join(missing)})')
+  return meta
 
 
 def load_model(directory: str, params_template) -> Tuple[Any, Dict[str, Any]]:
   """(params placed like `params_template`, metadata) of an exported model."""
-  metadata = read_metadata(directory)
+  metadata = check_export(directory)
   checkpointer = ocp.StandardCheckpointer()
   try:
     params = checkpointer.restore(os.path.join(os.path.abspath(directory), PARAMS),
                                   abstract_tree(params_template))
   except (ValueError, KeyError) as e:
-    raise ValueError(f'parameters in {directory}/{PARAMS} do not fit the configured model: {e}') \
-        from e
+    raise errors.ConfigError(f'parameters in {directory}/{PARAMS} do not fit the configured '
+                             f'model: {e}') from e
+  except Exception as e:  # pylint: disable=broad-except
+    # Missing or cut array files: tensorstore / orbax raise their own types.
+    first = (str(e).strip().splitlines() or [''])[0].split('. See full')[0][:300]
+    raise _export_error(directory, f'{PARAMS}/ cannot be read, it is truncated or damaged '
+                        f'({type(e).__name__}: {first})') from e
   finally:
     checkpointer.close()
   return params, metadata
@@ -126,12 +174,11 @@ def sync(name: str):
 def write_json(path: str, obj, barrier: bool = True):
   """Atomic JSON write by process 0 (temp file + rename), then a barrier."""
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
+    def write(f):
       json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
       f.write('\n')
-    os.replace(tmp, path)
+    with errors.disk_writes(path, os.path.basename(path)):
+      errors.atomic_write(path, write)
   if barrier:
     sync('camkd_jax_write_json')
 

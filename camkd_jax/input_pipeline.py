@@ -18,6 +18,7 @@ import os
 from typing import Iterator, Optional
 
 from absl import logging
+from camkd_jax import quiet_tf  # noqa: F401  (before TensorFlow)
 import numpy as np
 import tensorflow as tf
 

@@ -8,12 +8,15 @@ Run from the repository root (the configs import configs/base.py). The default w
 workdirs/<config name>_m<magnification> (workdirs/teacher for configs/teacher.py). Rerunning the
 same command resumes from the latest checkpoint in the workdir.
 """
+import importlib.util
 import logging as std_logging
 import os
+import re
 import sys
 
-# TensorFlow (input pipeline only) is chatty at start-up; keep the console for progress lines.
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+# TensorFlow (input pipeline only) is chatty at start-up (its oneDNN notice); keep the console
+# for progress lines. Before anything imports TensorFlow.
+from camkd_jax import quiet_tf  # noqa: F401  pylint: disable=unused-import
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -22,11 +25,10 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from camkd_jax import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
+from camkd_jax import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
+from camkd_jax import interrupts  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
-# pylint: disable-next=g-import-not-at-top,wrong-import-position
-from camkd_jax import workdir as workdir_lib
-# pylint: disable-next=g-import-not-at-top,wrong-import-position
-from camkd_jax.datasets import base
+from camkd_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -49,9 +51,89 @@ def _quiet_libraries(record):
   return not (noisy and record.levelno < std_logging.WARNING)
 
 
+def _fail(message: str, code: int = errors.EXIT_USER_ERROR):
+  """Prints `error: message` (no traceback) and exits with `code`."""
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _config_file_arg(argv):
+  """The value of --config in argv ('' if absent)."""
+  for i, a in enumerate(argv):
+    if a.startswith('--config='):
+      return a.split('=', 1)[1]
+    if a == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return ''
+
+
+def _config_keys(argv):
+  """Dotted keys of the config that --config names (empty if it cannot be loaded)."""
+  path, _, arg = _config_file_arg(argv).partition(':')
+  try:
+    spec = importlib.util.spec_from_file_location('_camkd_config', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return []
+  keys = []
+  def walk(node, prefix):
+    for k, v in node.items():
+      (walk(v, f'{prefix}{k}.') if hasattr(v, 'items') else keys.append(f'{prefix}{k}'))
+  walk(config, '')
+  return keys
+
+
+def flag_error_message(error, argv) -> str:
+  """One line for a flag error: an unknown --config.KEY with the closest key, the last line of
+  a config file's error (e.g. an unknown config argument), or absl's own message."""
+  text = str(error)
+  if 'Error whilst parsing config file' in text:
+    last = [l.strip() for l in text.strip().splitlines() if l.strip()][-1]
+    return last.split(': ', 1)[1] if ': ' in last and last.split(':')[0].endswith(
+        ('Error', 'Exception')) else last
+  for a in argv:
+    key = a[len('--config.'):].split('=', 1)[0] if a.startswith('--config.') else ''
+    last = key.rsplit('.', 1)[-1]
+    if key and re.search(rf'\b{re.escape(last)}\b', text):
+      keys = _config_keys(argv)
+      if key in keys:  # a known key with a bad value: absl's message says what is wrong
+        break
+      return (f'unknown config key {key!r} in {a}{errors.closest(key, keys)}; the keys are '
+              'defined in configs/base.py')
+  return text.splitlines()[0] if text else type(error).__name__
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a bad flag or config argument as one line (exit code 2)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    _fail(flag_error_message(e, argv))
+  except Exception as e:  # pylint: disable=broad-except
+    # lock_config=True: an override of an unknown key surfaces as AttributeError/KeyError.
+    if any(a.startswith('--config.') for a in argv) and isinstance(e, (AttributeError, KeyError)):
+      _fail(flag_error_message(e, argv))
+    raise
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  interrupts.install()
+  try:
+    _main(argv)
+  except errors.Interrupted as e:
+    _fail(str(e), e.exit_code)
+  except Exception as e:  # pylint: disable=broad-except
+    if not errors.is_user_error(e):
+      raise  # a bug: keep the traceback
+    _fail(str(e))
+
+
+def _main(argv):
+  del argv
   logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
   config = FLAGS.config
   # Before any other JAX use: the set of devices is fixed when the backend starts.
@@ -62,12 +144,9 @@ def main(argv):
   workdir = FLAGS.workdir or workdir_lib.default_workdir(
       config_flags.get_config_filename(FLAGS['config']), config)
   logging.info('workdir %s', workdir)
-  try:
-    train.run(config, workdir)
-  except base.DataError as e:  # bad data: the message says what and where, no traceback
-    sys.exit(f'error: {e}')
+  train.run(config, workdir)
 
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config'])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -31,6 +31,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from camkd_jax import errors
 from camkd_jax.datasets import base
 
 FLAGS = flags.FLAGS
@@ -224,8 +225,9 @@ def main(argv):
     examples, _, m = predict(FLAGS.workdir, FLAGS.out, FLAGS.model, FLAGS.split, FLAGS.folder,
                              FLAGS.table, FLAGS.image_column, FLAGS.label_column,
                              FLAGS.batch_size, FLAGS.skip_corrupt, FLAGS.overwrite)
-  except (base.DataError, FileNotFoundError, ValueError) as e:
-    sys.exit(f'error: {e}')
+  except (errors.UserError, FileNotFoundError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr, flush=True)
+    sys.exit(errors.EXIT_USER_ERROR)
   line = f'wrote {len(examples)} predictions ({FLAGS.model}) to {FLAGS.out}'
   if m:
     line += (f'; on the {m["num_examples"]} labelled: accuracy {m["accuracy"]:.4f}, balanced '

@@ -12,12 +12,66 @@ from camkd_jax import metrics as metrics_lib
 
 
 # ----------------------------------------------------------------------------- TensorBoard events
-def make_writer(logdir: str, is_main: bool):
-  """clu metric writer: TensorBoard scalars in `logdir` on process 0, a no-op elsewhere."""
+def make_writer(logdir: str, is_main: bool, resume: bool = False):
+  """clu metric writer: TensorBoard scalars in `logdir` on process 0, a no-op elsewhere.
+
+  resume: steps that `logdir` already holds (written before an interruption, replayed after
+  the resume with the same values) are not written again, so TensorBoard shows no duplicate
+  points.
+  """
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
   if not is_main:
     return metric_writers.MultiWriter([])
-  return metric_writers.SummaryWriter(logdir)
+  last = last_written_step(logdir) if resume else None
+  from camkd_jax import errors  # pylint: disable=g-import-not-at-top
+  with errors.disk_writes(logdir, 'TensorBoard events'):
+    writer = metric_writers.SummaryWriter(logdir)
+  return SkipWrittenSteps(writer, -1 if last is None else last, logdir)
+
+
+def last_written_step(logdir: str) -> Optional[int]:
+  """The largest step of any event in `logdir`'s event files (None if there are none). A record
+  cut short by a kill ends the file's reading; the records before it count."""
+  files = [os.path.join(logdir, f) for f in sorted(os.listdir(logdir))
+           if 'tfevents' in f] if os.path.isdir(logdir) else []
+  if not files:
+    return None
+  from camkd_jax import quiet_tf  # pylint: disable=g-import-not-at-top,unused-import
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  last = None
+  for path in files:
+    try:
+      for event in tf.compat.v1.train.summary_iterator(path):
+        if event.summary.value:
+          last = event.step if last is None else max(last, event.step)
+    except tf.errors.DataLossError:
+      pass
+  return last
+
+
+class SkipWrittenSteps:
+  """A metric writer that drops scalars of steps <= `last` (already in the event files); a full
+  or read-only disk ends the run with errors.OutputError naming `logdir`."""
+
+  def __init__(self, writer, last: int, logdir: str = ''):
+    self.writer, self.last, self.logdir = writer, int(last), logdir
+
+  def _guard(self):
+    from camkd_jax import errors  # pylint: disable=g-import-not-at-top
+    return errors.disk_writes(self.logdir, 'TensorBoard events')
+
+  def write_scalars(self, step, scalars):
+    if int(step) > self.last:
+      with self._guard():
+        self.writer.write_scalars(step, scalars)
+
+  def flush(self):
+    with self._guard():
+      self.writer.flush()
+
+  def close(self):
+    with self._guard():
+      self.writer.close()
 
 
 # ----------------------------------------------------------------------------- tables
@@ -115,57 +169,106 @@ def results_markdown(out: Dict[str, Any]) -> Tuple[str, List[List[str]]]:
   return markdown_table(rows), rows
 
 
+# What a run may leave, in the order the summary lists it.
+RUN_OUTPUTS = ('metrics.json', 'results.md', 'figures/gradcam.png', 'tensorboard/',
+               'checkpoints/', 'teacher/', 'student/', 'data_split.csv')
+
+
+def existing_outputs(workdir: str) -> List[str]:
+  """The RUN_OUTPUTS present in `workdir` ('seed_*/x' when only the seed runs hold x)."""
+  seeds = sorted(d for d in os.listdir(workdir) if d.startswith('seed_')
+                 and os.path.isdir(os.path.join(workdir, d))) if os.path.isdir(workdir) else []
+  out = []
+  for name in RUN_OUTPUTS:
+    if os.path.exists(os.path.join(workdir, name)):
+      out.append(name)
+    elif seeds and all(os.path.exists(os.path.join(workdir, d, name)) for d in seeds):
+      out.append(f'seed_*/{name}')
+  return out
+
+
 def write_results(out: Dict[str, Any], workdir: str):
   """results.md and the console summary of metrics.json's `out` (call on process 0 only)."""
+  from camkd_jax import errors  # pylint: disable=g-import-not-at-top
   table, rows = results_markdown(out)
-  with open(os.path.join(workdir, 'results.md'), 'w') as f:
-    f.write('# Results\n\nMetrics of the checkpoint selected on validation '
-            'kappa (test reported at that epoch).\n\n' + table
-            + ''.join(f'\n**Data warning:** {n}\n' for n in out.get('data_notes', ())))
-  where = ('seed_*/: figures/gradcam.png, tensorboard/, checkpoints/, teacher/, student/'
-           if 'runs' in out else
-           'figures/gradcam.png, tensorboard/, checkpoints/, teacher/, student/')
+  text = ('# Results\n\nMetrics of the checkpoint selected on validation '
+          'kappa (test reported at that epoch).\n\n' + table
+          + ''.join(f'\n**Data warning:** {n}\n' for n in out.get('data_notes', ())))
+  path = os.path.join(workdir, 'results.md')
+  with errors.disk_writes(path, 'results.md'):
+    errors.atomic_write(path, lambda f: f.write(text))
   print('\n' + text_table(rows) + f'\n\noutputs in {os.path.abspath(workdir)}: '
-        f'metrics.json, results.md, {where}\n', flush=True)
+        f'{", ".join(existing_outputs(workdir))}\n', flush=True)
 
 
 # ----------------------------------------------------------------------------- Grad-CAM figure
+def _normalised(cam) -> np.ndarray:
+  cam = np.asarray(cam, np.float64)
+  span = cam.max() - cam.min()
+  return (cam - cam.min()) / span if span > 0 else np.zeros_like(cam)
+
+
+def _overlay(ax, image, cam, title):
+  """`cam` (any resolution) stretched over `image` (its own pixel grid)."""
+  h, w = image.shape[:2]
+  ax.imshow(image)
+  ax.imshow(_normalised(cam), cmap='jet', alpha=0.5, interpolation='bilinear',
+            extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+  ax.set_title(title, fontsize=8)
+
+
+def figure_panels(columns: Sequence[Mapping]) -> List[Tuple[int, str]]:
+  """(column index, panel kind) per figure column after the image: 'view' (the model's input)
+  and 'cam_view' (its map over that input) when col['on_view'], then 'cam' (its map over the
+  full-resolution image)."""
+  panels = []
+  for j, col in enumerate(columns):
+    if col.get('on_view'):  # the teacher's input is the image itself: no panel of its own
+      panels += [(j, 'view'), (j, 'cam_view')]
+    panels.append((j, 'cam'))
+  return panels
+
+
 def save_gradcam_figure(path: str, images: np.ndarray, labels: np.ndarray,
                         class_names: Sequence[str], columns: Sequence[Mapping]):
-  """PNG with one row per image: the image, then for each model its input view and Grad-CAM map.
+  """PNG with one row per image: the image, then for each model its input view and Grad-CAM map
+  over the full-resolution image; a model with `on_view` (a low-magnification student) also has
+  its map drawn over the input it saw.
 
-  images: uint8 (N, H, W, 3); columns: dicts with 'title', 'view' (N, H, W, 3) in [0, 1],
-  'maps' (N, h, w) Grad-CAM of the true class, 'probs' (N, C).
+  images: uint8 (N, H, W, 3); columns: dicts with 'title', 'view' (N, h, w, 3) in [0, 1],
+  'maps' (N, h', w') Grad-CAM of the true class, 'probs' (N, C), optional 'on_view'.
+  The PNG is written to a temporary file and renamed: an earlier figure is never half replaced.
   """
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   n = len(images)
-  ncols = 1 + 2 * len(columns)
-  fig, axes = plt.subplots(n, ncols, figsize=(2.0 * ncols, 2.1 * n), squeeze=False)
-  size = images.shape[1]
+  panels = figure_panels(columns)
+  fig, axes = plt.subplots(n, 1 + len(panels), figsize=(2.0 * (1 + len(panels)), 2.1 * n),
+                           squeeze=False)
   for i in range(n):
     label = int(labels[i])
     axes[i, 0].imshow(images[i])
     axes[i, 0].set_title(f'true {class_names[label]}', fontsize=8)
-    for j, col in enumerate(columns):
-      view_ax, cam_ax = axes[i, 1 + 2 * j], axes[i, 2 + 2 * j]
-      view_ax.imshow(np.clip(col['view'][i], 0, 1))
-      view_ax.set_title(f"{col['title']} input", fontsize=8)
-      cam = np.asarray(col['maps'][i], np.float64)
-      span = cam.max() - cam.min()
-      cam = (cam - cam.min()) / span if span > 0 else np.zeros_like(cam)
-      cam_ax.imshow(images[i])
-      cam_ax.imshow(cam, cmap='jet', alpha=0.5, interpolation='bilinear',
-                    extent=(-0.5, size - 0.5, size - 0.5, -0.5))
-      cam_ax.set_title(f"{col['title']} CAM p={float(col['probs'][i][label]):.2f}", fontsize=8)
+    for k, (j, kind) in enumerate(panels):
+      col, ax = columns[j], axes[i, 1 + k]
+      view = np.clip(col['view'][i], 0, 1)
+      p = float(col['probs'][i][label])
+      if kind == 'view':
+        ax.imshow(view)
+        ax.set_title(f"{col['title']} input {view.shape[0]}px", fontsize=8)
+      elif kind == 'cam_view':
+        _overlay(ax, view, col['maps'][i], f"{col['title']} CAM on its input")
+      else:
+        _overlay(ax, images[i], col['maps'][i], f"{col['title']} CAM p={p:.2f}")
   for ax in axes.ravel():
     ax.set_xticks([])
     ax.set_yticks([])
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=80)
+  from camkd_jax import errors  # pylint: disable=g-import-not-at-top
+  with errors.disk_writes(path, 'the Grad-CAM figure'):
+    errors.atomic_write(path, lambda f: fig.savefig(f, dpi=80, format='png'), mode='wb')
   plt.close(fig)
   return path
 
@@ -179,10 +282,15 @@ def format_duration(seconds: Optional[float]) -> str:
   return f'{h}h{m:02d}m{s:02d}s' if h else f'{m}m{s:02d}s'
 
 
-def format_losses(losses: Dict[str, float]) -> str:
-  """'loss 0.812 (ce 0.610, fm 0.120)' from {'loss/total': .., 'loss/ce': ..}."""
+def format_losses(losses: Dict[str, float], weights: Optional[Mapping[str, float]] = None) -> str:
+  """'loss 0.812 (ce 0.610, fm 0.120)' from {'loss/total': .., 'loss/ce': ..}; with the loss
+  weights, the total is shown as their sum over the raw terms:
+  'loss 0.8120 = 1*ce 0.6100 + 0.1*fm 1.2000 (weight*raw term)'."""
   terms = [(k.split('/', 1)[1], v) for k, v in losses.items()
            if k.startswith('loss/') and k != 'loss/total']
   total = losses.get('loss/total', float('nan'))
+  if weights is not None:
+    inner = ' + '.join(f'{weights.get(k, 0.0):g}*{k} {v:.4f}' for k, v in terms)
+    return f'loss {total:.4f} = {inner} (weight*raw term)' if inner else f'loss {total:.4f}'
   inner = ', '.join(f'{k} {v:.3f}' for k, v in terms)
   return f'loss {total:.4f}' + (f' ({inner})' if len(terms) > 1 else '')

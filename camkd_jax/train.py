@@ -33,6 +33,8 @@ import numpy as np
 from camkd_jax import checkpoints
 from camkd_jax import distill
 from camkd_jax import distributed
+from camkd_jax import errors
+from camkd_jax import interrupts
 from camkd_jax import metrics as metrics_lib
 from camkd_jax import models
 from camkd_jax import ops
@@ -49,7 +51,23 @@ SELECTION_METRICS = ('kappa', 'balanced_accuracy', 'accuracy')
 
 # ----------------------------------------------------------------------------- config checks
 def validate_config(config, num_devices: int):
-  """Fails early, naming the config key, on anything the run would trip over later."""
+  """Fails early, naming the config key, on anything the run would trip over later (ConfigError,
+  or ModelExportError for a broken config.teacher.checkpoint)."""
+  try:
+    _validate_config(config, num_devices)
+  except errors.UserError:
+    raise
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from e
+
+
+def _validate_config(config, num_devices: int):
+  for key in ('magnification', 'base_magnification'):
+    value = float(config[key])
+    if not value > 0:  # NaN included
+      raise ValueError(
+          f'config.{key}={value:g} is not a magnification: use a positive objective power such '
+          f'as 10, 5, 2.5, 1.25 or 0.625 (base_magnification / a power of two)')
   if config.method not in METHODS:
     raise ValueError(f'unknown config.method {config.method!r}; known: {list(METHODS)}')
   if config.data.name not in DATASETS:
@@ -77,8 +95,8 @@ def validate_config(config, num_devices: int):
     raise ValueError(f'config.teacher.num_epochs must be > 0, got {config.teacher.num_epochs}')
   if int(config.checkpoint_every_steps) < 0:
     raise ValueError('config.checkpoint_every_steps must be >= 0 (0: only at epoch ends)')
-  if config.teacher.checkpoint and not checkpoints.is_finished_model(config.teacher.checkpoint):
-    checkpoints.read_metadata(config.teacher.checkpoint)  # raises, naming what is missing
+  if config.teacher.checkpoint:
+    checkpoints.check_export(config.teacher.checkpoint)  # raises, naming what is missing
   models.get_model(config.model.name, 2, config.model.width, config.model.dtype)
   validate_init(config)
   distill.make_optimizer(config.optimizer)
@@ -169,13 +187,13 @@ def run(config, workdir: str) -> Dict[str, Any]:
   logging.info('workdir %s | method %s | %d device(s), %d process(es) | seeds %s', workdir,
                config.method, mesh.size, jax.process_count(), seeds)
   runs = {}
-  for seed in seeds:
+  for i, seed in enumerate(seeds):
     cfg = config.copy_and_resolve_references()
     cfg.seed = seed
     sub = os.path.join(workdir, f'seed_{seed}') if str(config.seeds).strip() else workdir
     if sub != workdir:
       checkpoints.write_json(os.path.join(sub, 'config.json'), workdir_lib.config_dict(cfg))
-    runs[seed] = train_and_evaluate(cfg, sub, mesh)
+    runs[seed] = train_and_evaluate(cfg, sub, mesh, later_seeds=len(seeds) - 1 - i)
   out = reporting.combine_seeds(runs)
   checkpoints.write_json(os.path.join(workdir, 'metrics.json'), out)
   if distributed.is_main():
@@ -183,8 +201,25 @@ def run(config, workdir: str) -> Dict[str, Any]:
   return out
 
 
-def train_and_evaluate(config, workdir: str, mesh=None) -> Dict[str, Any]:
-  """One teacher + one student for config.seed; returns (and writes) the run's metrics."""
+def stage_steps(config, steps_per_epoch: int, num_epochs: int) -> int:
+  """Training steps of a stage: num_epochs epochs, capped by config.max_steps (> 0)."""
+  total = int(num_epochs) * int(steps_per_epoch)
+  return min(total, int(config.max_steps)) if config.max_steps > 0 else total
+
+
+def later_stage_steps(config, spe: int, later_seeds: int) -> Tuple[int, int]:
+  """(steps after the teacher stage, steps after the student stage) of the whole run, for the
+  ETA: this seed's student, then every later seed's teacher (unless given) and student."""
+  student = stage_steps(config, spe, config.num_epochs) if config.method != 'teacher' else 0
+  teacher = 0 if config.teacher.checkpoint else stage_steps(config, spe,
+                                                             config.teacher.num_epochs)
+  after_student = later_seeds * (teacher + student)
+  return student + after_student, after_student
+
+
+def train_and_evaluate(config, workdir: str, mesh=None, later_seeds: int = 0) -> Dict[str, Any]:
+  """One teacher + one student for config.seed; returns (and writes) the run's metrics.
+  later_seeds: how many seeds run after this one (for the whole-run ETA)."""
   from camkd_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   mesh = mesh or sharding.make_mesh()
   t0 = time.time()
@@ -197,8 +232,9 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> Dict[str, Any]:
   config = input_pipeline.prepare_run(config, data, workdir)  # split record, 'auto' inputs
   teacher_cfg, student_cfg = step_configs(config)
   model = models.from_config(config.model, data.num_classes)
+  after_teacher, after_student = later_stage_steps(config, data.steps_per_epoch, later_seeds)
   teacher_params, teacher_report = obtain_teacher(config, workdir, data, mesh, model,
-                                                  teacher_cfg)
+                                                  teacher_cfg, later_steps=after_teacher)
   result = {'teacher': teacher_report, 'seeds': [int(config.seed)]}
   if data.notes:
     result['data_notes'] = list(data.notes)
@@ -206,7 +242,7 @@ def train_and_evaluate(config, workdir: str, mesh=None) -> Dict[str, Any]:
   if config.method != 'teacher':
     stage = Stage('student', config, workdir, model, student_cfg, int(config.num_epochs),
                   *stage_seeds(config.seed, 2),
-                  teacher_model=model, teacher_params=teacher_params)
+                  teacher_model=model, teacher_params=teacher_params, later_steps=after_student)
     student_params, report = StageRunner(stage, data, mesh).run()
     report.update(magnification=float(config.magnification), factor=student_cfg.factor,
                   view=student_cfg.view, method=config.method)
@@ -253,9 +289,13 @@ def check_teacher_metadata(meta, config, data, path):
     if have != need:
       problems.append(f'{key}: teacher {have!r}, this config {need!r}')
   if problems:
-    raise ValueError(f'the teacher in {path} does not match this run:\n  ' + '\n  '.join(problems)
-                     + '\nTrain a matching teacher (leave config.teacher.checkpoint empty and use '
-                     'a fresh workdir) or set the config to the teacher\'s values.')
+    own = not config.teacher.checkpoint
+    fix = ('Pass --config.overwrite=True --config.overwrite_teacher=True to delete it and train a '
+           'new one, use another --workdir, or set the config to the teacher\'s values.' if own else
+           'Train a matching teacher (leave config.teacher.checkpoint empty and use a fresh '
+           'workdir) or set the config to the teacher\'s values.')
+    raise errors.WorkdirError(f'the teacher in {path} does not match this run:\n  ' +
+                              '\n  '.join(problems) + '\n' + fix)
 
 
 def abstract_params(model, image_size, mesh):
@@ -266,7 +306,7 @@ def abstract_params(model, image_size, mesh):
                                 shapes)
 
 
-def obtain_teacher(config, workdir, data, mesh, model, step_cfg):
+def obtain_teacher(config, workdir, data, mesh, model, step_cfg, later_steps: int = 0):
   """The teacher's parameters (loaded, or trained and exported to workdir/teacher) + report."""
   path = config.teacher.checkpoint or os.path.join(workdir, 'teacher')
   template = abstract_params(model, data.image_size, mesh)
@@ -281,7 +321,7 @@ def obtain_teacher(config, workdir, data, mesh, model, step_cfg):
     report['checkpoint'] = os.path.abspath(path)
     return params, report
   stage = Stage('teacher', config, workdir, model, step_cfg, int(config.teacher.num_epochs),
-                *stage_seeds(config.seed, 1))
+                *stage_seeds(config.seed, 1), later_steps=later_steps)
   params, report = StageRunner(stage, data, mesh).run()
   checkpoints.save_model(path, params, model_metadata(config, data, report))
   report['checkpoint'] = os.path.abspath(path)
@@ -330,6 +370,7 @@ class Stage:
   train_seed: int               # the train state's key (augmentation: fold_in(key, step))
   teacher_model: Any = None
   teacher_params: Any = None
+  later_steps: int = 0          # steps of the stages after this one (the whole-run ETA)
 
 
 def stage_seeds(seed: int, stage_index: int) -> Tuple[int, int]:
@@ -397,25 +438,28 @@ class StageRunner:
     self.stage, self.data, self.mesh = stage, data, mesh
     cfg = stage.config
     self.spe = data.steps_per_epoch
-    self.total = stage.num_epochs * self.spe
-    if cfg.max_steps > 0:
-      self.total = min(self.total, int(cfg.max_steps))
+    self.total = stage_steps(cfg, self.spe, stage.num_epochs)
     self.num_epochs = -(-self.total // self.spe)
     self.tx = distill.make_optimizer(cfg.optimizer)
     self.ckpt = checkpoints.StageCheckpoints(os.path.join(stage.workdir, 'checkpoints',
                                                           stage.name))
-    self.writer = reporting.make_writer(os.path.join(stage.workdir, 'tensorboard', stage.name),
-                                        distributed.is_main())
     self.pending: List[Dict[str, Any]] = []
     self.window = metrics_lib.LossMeans()
     self.train_step = distill.make_train_step(stage.step_config, stage.model, self.tx, mesh,
                                               teacher=stage.teacher_model)
     self.eval_step = distill.make_eval_step(stage.model, stage.step_config.factor, mesh,
                                             stage.step_config.view)
+    self.saved = self.ckpt.latest_step()  # the latest checkpointed step (None: none yet)
+    interrupts.progress(stage.name, self.saved or 0, self.saved)
     self.state, self.best_params, self.progress = self.restore_or_init()
     self.epoch_losses = metrics_lib.LossMeans.from_state(self.progress.get('epoch_losses'))
-    # Throughput / ETA clocks: since the start of run(), and since the last log line.
-    self.t_start = self.t_log = time.time()
+    # resume=True also when no checkpoint exists: events of a run killed before its first
+    # checkpoint (same config: prepare_workdir clears another config's) are replayed identically.
+    self.writer = reporting.make_writer(os.path.join(stage.workdir, 'tensorboard', stage.name),
+                                        distributed.is_main(), resume=True)
+    # Throughput / ETA clocks: since the end of the first step of run() (its compilation left
+    # out), and since the last log line.
+    self.t_start, self.t_log = None, time.time()
     self.steps_start = self.steps_log = _host_scalar(self.state['step'])
 
   # -- state
@@ -431,7 +475,7 @@ class StageRunner:
     state = self.init_state()
     best = jax.tree_util.tree_map(jnp.copy, state['params'])
     progress = {'history': [], 'best': None, 'epoch_losses': None}
-    step = self.ckpt.latest_step()
+    step = self.saved
     if step is not None:
       state, best, progress = self.ckpt.restore(step, state, best)
       logging.info('%s: resumed from %s/%d', self.stage.name, self.ckpt.directory, step)
@@ -445,10 +489,13 @@ class StageRunner:
     logging.info('%s: steps %d..%d of %d (%d epoch(s) of %d), factor %d, terms %s', st.name,
                  step, self.total, self.total, self.num_epochs, self.spe, st.step_config.factor,
                  st.step_config.active_terms)
-    self.t_start, self.steps_start = time.time(), step
-    while step < self.total:
-      step = self.train_epoch(step)
-      self.end_epoch(step)
+    self.t_start, self.steps_start = None, step
+    interrupts.progress(st.name, step, self.saved)
+    with interrupts.deferred():  # Ctrl-C / SIGTERM: finish the step, checkpoint, stop
+      while step < self.total:
+        step = self.train_epoch(step)
+        self.end_epoch(step)
+        self.stop_if_interrupted(step)
     self.writer.close()
     self.ckpt.close()
     return self.best_params, self.report()
@@ -465,12 +512,16 @@ class StageRunner:
                                       sharding.shard_batch(batch, self.mesh))
       self.pending.append(m)
       step += 1
+      if self.t_start is None:  # the first step compiled; the ETA's clock starts after it
+        self.t_start, self.steps_start = time.time(), step
       if step % self.stage.config.log_every_steps == 0 or step == stop:
         self.log_train(step, epoch)
       if every and step % every == 0 and step < stop:
         self.save(step)
+      interrupts.progress(self.stage.name, step, self.saved)
       if step == stop:
         return step
+      self.stop_if_interrupted(step)
     raise RuntimeError(f'{self.stage.name}: the input pipeline ended epoch {epoch} after step '
                        f'{step}, before step {stop} (steps_per_epoch={self.spe})')
 
@@ -503,15 +554,18 @@ class StageRunner:
     self.window = metrics_lib.LossMeans()
     now = time.time()
     ips = (step - self.steps_log) * self.data.global_batch_size / max(now - self.t_log, 1e-9)
-    rate = (step - self.steps_start) / max(now - self.t_start, 1e-9)
-    eta = (self.total - step) / rate if rate > 0 else None
+    done = step - self.steps_start
+    rate = done / max(now - self.t_start, 1e-9) if self.t_start and done > 0 else 0.0
+    # The whole run: this stage's remaining steps and those of the stages after it.
+    eta = (self.total - step + self.stage.later_steps) / rate if rate > 0 else None
     self.t_log, self.steps_log = now, step
     self.writer.write_scalars(step, {**{f'train/{k}': v for k, v in means.items()},
                                      'train/learning_rate': self.stage.config.optimizer
                                      .learning_rate, 'train/images_per_sec': ips})
-    logging.info('%s epoch %d/%d step %d/%d | %s | %.0f img/s | ETA %s', self.stage.name,
-                 epoch + 1, self.num_epochs, step, self.total, reporting.format_losses(means),
-                 ips, reporting.format_duration(eta))
+    logging.info('%s epoch %d/%d step %d/%d | %s | %.0f img/s | ETA %s (whole run)',
+                 self.stage.name, epoch + 1, self.num_epochs, step, self.total,
+                 reporting.format_losses(means, dict(self.stage.step_config.weights)), ips,
+                 reporting.format_duration(eta))
 
   def end_epoch(self, step):
     """Evaluates, updates the best parameters and saves the epoch-end checkpoint."""
@@ -553,7 +607,22 @@ class StageRunner:
     self.check_finite(step)
     self.progress['epoch_losses'] = self.epoch_losses.state()
     self.ckpt.save(step, self.state, self.best_params, self.progress)
+    self.saved = step
+    interrupts.progress(self.stage.name, step, step)
     self.writer.flush()
+
+  def stop_if_interrupted(self, step):
+    """After SIGINT / SIGTERM: checkpoints `step` (if not yet) and raises errors.Interrupted."""
+    signum = interrupts.pending()
+    if signum is None:
+      return
+    if step != self.saved:
+      logging.warning('%s: %s received; saving a checkpoint of step %d before stopping',
+                      self.stage.name, interrupts.signal_name(signum), step)
+      self.save(step)
+    self.writer.close()
+    interrupts.progress(self.stage.name, step, self.saved)
+    interrupts.stop(signum)
 
   def report(self) -> Dict[str, Any]:
     best = self.progress['best']
@@ -563,17 +632,36 @@ class StageRunner:
 
 
 # ----------------------------------------------------------------------------- figure
+def figure_examples(data, num_images: int) -> Tuple[np.ndarray, np.ndarray]:
+  """(images, labels) of up to `num_images` validation examples, one class after another (round
+  robin over the classes, first examples first); reads batches only until every class has its
+  share or the split ends."""
+  per_class = -(-num_images // max(data.num_classes, 1))
+  picked = {c: [] for c in range(data.num_classes)}
+  for batch in data.eval_batches('validation'):
+    for i in np.flatnonzero(batch['mask']):
+      c = int(batch['label'][i])
+      if len(picked[c]) < per_class:
+        picked[c].append(np.asarray(batch['image'][i]))
+    if all(len(v) >= per_class for v in picked.values()):
+      break
+  order = [(c, picked[c][k]) for k in range(per_class) for c in picked if k < len(picked[c])]
+  order = order[:num_images]
+  return (np.stack([im for _, im in order]),
+          np.asarray([c for c, _ in order], np.int32))
+
+
 def save_figure(path, columns, data, num_images, base_magnification):
-  """Validation images with each model's input view and Grad-CAM map of the true class; a column
-  of factor f > 1 is titled with its magnification, base_magnification / f."""
-  batch = next(iter(data.eval_batches('validation')))
-  keep = np.flatnonzero(batch['mask'])[:num_images]
-  images, labels = batch['image'][keep], batch['label'][keep]
+  """Validation images across the classes with each model's input view and Grad-CAM map of the
+  true class; a column of factor f > 1 is titled with its magnification, base_magnification / f,
+  and shows its map over the image it saw as well as over the full-resolution image."""
+  images, labels = figure_examples(data, num_images)
   cols = []
   for title, model, params, factor, view_name in columns:
     cam = distill.make_cam_step(model, factor, view=view_name)
     maps, probs = cam(host_tree(params), images, labels)
     view = ops.student_view(jnp.asarray(images, jnp.float32) / 255.0, factor, view_name)
     cols.append({'title': f'{title} ({base_magnification / factor:g}x)' if factor > 1 else title,
-                 'view': np.asarray(view), 'maps': np.asarray(maps), 'probs': np.asarray(probs)})
+                 'view': np.asarray(view), 'maps': np.asarray(maps), 'probs': np.asarray(probs),
+                 'on_view': factor > 1})
   reporting.save_gradcam_figure(path, images, labels, data.class_names, cols)

@@ -2,7 +2,11 @@
 
 A workdir holds one config's run. `prepare_workdir` refuses a workdir whose config.json differs
 from this run's in a key that changes results (RESUMABLE_KEYS may differ: a resume can change
-logging or paths), unless config.overwrite, which deletes the earlier run's OUTPUTS first.
+logging or paths) and that holds training (a checkpoint, a finished model, metrics.json), unless
+config.overwrite, which deletes the earlier run's OUTPUTS first. A workdir without any training
+(a start that failed on its data or config) is taken as fresh: the corrected rerun just starts.
+config.overwrite never deletes a finished teacher export: it is kept (and reused) when its
+metadata fit the new config, and refused otherwise; config.overwrite_teacher=True deletes it.
 """
 import json
 import os
@@ -13,10 +17,12 @@ from absl import logging
 
 from camkd_jax import checkpoints
 from camkd_jax import distributed
+from camkd_jax import errors
 
 # Keys that do not change what a run computes: a workdir may be resumed with other values.
-RESUMABLE_KEYS = ('overwrite', 'distributed', 'log_every_steps', 'checkpoint_every_steps',
-                  'num_figure_images', 'data.data_dir', 'data.manual_dir')
+RESUMABLE_KEYS = ('overwrite', 'overwrite_teacher', 'distributed', 'log_every_steps',
+                  'checkpoint_every_steps', 'num_figure_images', 'data.data_dir',
+                  'data.manual_dir')
 # Keys removed from the configs that an older workdir's config.json may still hold; none of them
 # changed results, so such a workdir resumes.
 RETIRED_KEYS = ('shuffle_buffer',)
@@ -60,42 +66,145 @@ def config_differences(old: Dict, new: Dict) -> List[str]:
           for k in keys if a.get(k, '<absent>') != b.get(k, '<absent>')]
 
 
+def trained_state(workdir: str) -> List[str]:
+  """What in `workdir` (and its seed_*/ runs) holds training: checkpoint steps, finished model
+  exports, metrics.json. Empty after a start that failed before its first checkpoint."""
+  found = []
+  if not os.path.isdir(workdir):
+    return found
+  runs = [workdir] + [os.path.join(workdir, d) for d in sorted(os.listdir(workdir))
+                      if d.startswith('seed_')]
+  for run in runs:
+    for stage in ('teacher', 'student'):
+      ckpt = os.path.join(run, 'checkpoints', stage)
+      steps = [d for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
+      if steps:
+        found.append(f'{ckpt} (step {max(map(int, steps))})')
+      if checkpoints.is_finished_model(os.path.join(run, stage)):
+        found.append(os.path.join(run, stage))
+    if os.path.isfile(os.path.join(run, 'metrics.json')):
+      found.append(os.path.join(run, 'metrics.json'))
+  return found
+
+
+def trained_teachers(workdir: str) -> List[str]:
+  """Finished teacher exports in `workdir` and its seed_*/ runs."""
+  if not os.path.isdir(workdir):
+    return []
+  runs = [workdir] + [os.path.join(workdir, d) for d in sorted(os.listdir(workdir))
+                      if d.startswith('seed_')]
+  return [os.path.join(r, 'teacher') for r in runs
+          if checkpoints.is_finished_model(os.path.join(r, 'teacher'))]
+
+
+# metadata.json keys that must equal this config's for config.overwrite to keep a teacher (the
+# classes are checked again, against the data, when the teacher is loaded).
+TEACHER_KEYS = {'model.name': 'model.name', 'model.width': 'model.width',
+                'model.input_mean': 'model.input_mean', 'model.input_std': 'model.input_std',
+                'image_size': 'image_size', 'dataset': 'data.name'}
+
+
+def teacher_mismatches(meta: Dict, config, seed: Optional[int] = None) -> List[str]:
+  """'key: teacher X, this config Y' for each TEACHER_KEYS entry and the seed (`seed`: the run's
+  seed, config.seed unless a seed_<n>/ run) that differ."""
+  new = _flatten(config_dict(config))
+  out = []
+  want_seed = int(config.seed if seed is None else seed)
+  if meta.get('seed') is not None and int(meta['seed']) != want_seed:
+    out.append(f'seed: teacher {meta["seed"]}, this config {want_seed}')
+  for mkey, ckey in TEACHER_KEYS.items():
+    have = _get(meta, mkey)
+    want = new.get(ckey)
+    if isinstance(want, (list, tuple)) or isinstance(have, (list, tuple)):
+      have, want = [float(v) for v in have or ()], [float(v) for v in want or ()]
+    if have != want:
+      out.append(f'{mkey}: teacher {have!r}, this config {want!r}')
+  return out
+
+
+def _get(d, dotted):
+  for k in dotted.split('.'):
+    d = d.get(k) if isinstance(d, dict) else None
+  return d
+
+
 def prepare_workdir(config, workdir: str):
-  """Refuses a workdir holding another config's run (unless config.overwrite); writes
-  config.json."""
+  """Refuses a workdir holding another config's training (unless config.overwrite), writes
+  config.json. A workdir whose earlier start failed before any checkpoint is taken as fresh."""
   path = os.path.join(workdir, 'config.json')
   new = config_dict(config)
   old = None
   if os.path.isfile(path):
-    with open(path) as f:
-      old = json.load(f)
+    try:
+      with open(path) as f:
+        old = json.load(f)
+    except ValueError:  # cut short (e.g. a full disk before the atomic writes): nothing to keep
+      logging.warning('%s is not valid JSON; replacing it', path)
   # Every process decides on the same file: none may delete or rewrite it before all read it.
   checkpoints.sync('camkd_jax_read_config')
-  if old is not None:
-    diff = config_differences(old, new)
-    if diff and not config.overwrite:
-      shown = '\n  '.join(diff[:12]) + ('\n  ...' if len(diff) > 12 else '')
-      raise ValueError(
+  diff = config_differences(old, new) if old is not None else []
+  if diff:
+    state = trained_state(workdir)
+    shown = '\n  '.join(diff[:12]) + ('\n  ...' if len(diff) > 12 else '')
+    if not state:
+      logging.warning('%s holds no checkpoint or trained model of its earlier config (a start '
+                      'that failed early): starting afresh with this config; %d key(s) differ:'
+                      '\n  %s', workdir, len(diff), shown)
+      clear_workdir(config, workdir, quiet=True)
+    elif not config.overwrite:
+      raise errors.WorkdirError(
           f'{workdir} holds a run of a different config ({len(diff)} key(s) differ):\n  {shown}\n'
-          f'Use another --workdir, or pass --config.overwrite=True to delete that run and start '
-          f'afresh.')
-    if diff:
+          f'It holds: {", ".join(state[:4])}. Use another --workdir, or pass '
+          f'--config.overwrite=True to delete that run and start afresh (a trained teacher is '
+          f'kept and reused if it fits; --config.overwrite_teacher=True deletes it too).')
+    else:
       clear_workdir(config, workdir)
-  if distributed.is_main():
-    os.makedirs(workdir, exist_ok=True)
-  checkpoints.write_json(path, new)
+  with errors.disk_writes(workdir, 'the run directory'):
+    if distributed.is_main():
+      os.makedirs(workdir, exist_ok=True)
+    checkpoints.write_json(path, new)
 
 
-def clear_workdir(config, workdir: str):
-  """Deletes what an earlier run wrote (config.overwrite with a different config)."""
+def clear_workdir(config, workdir: str, quiet: bool = False):
+  """Deletes what an earlier run wrote (config.overwrite with a different config), except its
+  trained teacher(s): kept when their metadata fit this config (and reused), refused when not,
+  deleted only with config.overwrite_teacher."""
+  keep_teacher = not config.get('overwrite_teacher', False)
+  teachers = trained_teachers(workdir)
+  if keep_teacher:
+    for t in teachers:
+      run = os.path.basename(os.path.dirname(t))
+      seed = int(run[len('seed_'):]) if run.startswith('seed_') else None
+      problems = teacher_mismatches(checkpoints.read_metadata(t), config, seed)
+      if problems:
+        raise errors.WorkdirError(
+            f'config.overwrite would keep the trained teacher in {t}, but it does not fit this '
+            'config:\n  ' + '\n  '.join(problems) + '\nPass --config.overwrite_teacher=True '
+            'to delete it and train a new one, move it elsewhere (and point '
+            'config.teacher.checkpoint at it), or use another --workdir.')
   teacher = os.path.abspath(config.teacher.checkpoint) if config.teacher.checkpoint else ''
-  if teacher and teacher.startswith(os.path.abspath(workdir) + os.sep):
-    raise ValueError(f'config.teacher.checkpoint={config.teacher.checkpoint} lies inside '
-                     f'{workdir}, which config.overwrite would delete; copy the teacher elsewhere')
-  logging.warning('config.overwrite: deleting the earlier run in %s', workdir)
+  if (not keep_teacher and teacher and
+      teacher.startswith(os.path.abspath(workdir) + os.sep)):
+    raise errors.WorkdirError(
+        f'config.teacher.checkpoint={config.teacher.checkpoint} lies inside {workdir}, which '
+        'config.overwrite_teacher would delete; copy the teacher elsewhere')
+  if not quiet:
+    logging.warning('config.overwrite: deleting the earlier run in %s%s', workdir,
+                    f' (keeping the trained teacher(s) {teachers})' if teachers and keep_teacher
+                    else '')
   if distributed.is_main():
-    for name in os.listdir(workdir):
-      if name in OUTPUTS or name.startswith('seed_'):
-        p = os.path.join(workdir, name)
-        shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+    for run in [workdir] + [os.path.join(workdir, d) for d in os.listdir(workdir)
+                            if d.startswith('seed_')]:
+      _clear_run(run, keep_teacher)
   checkpoints.sync('camkd_jax_clear_workdir')
+
+
+def _clear_run(run: str, keep_teacher: bool):
+  """Deletes OUTPUTS in one run directory (teacher/ kept if asked when it is finished)."""
+  for name in os.listdir(run):
+    p = os.path.join(run, name)
+    if name not in OUTPUTS:
+      continue
+    if keep_teacher and name == 'teacher' and checkpoints.is_finished_model(p):
+      continue
+    shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)

@@ -292,7 +292,8 @@ def base_config(arg=None):
   c.log_every_steps = 20
   c.max_steps = -1                             # >0 stops early (smoke tests)
   c.num_figure_images = 6
-  c.overwrite = False
+  c.overwrite = False                          # delete a different config's run (not its teacher)
+  c.overwrite_teacher = False                  # with overwrite: delete its trained teacher too
   c.distributed = False                        # jax.distributed.initialize()
   # Checkpoints are written at every epoch end and also every N steps inside an epoch, so a
   # killed run loses at most N steps (0: epoch ends only).

@@ -259,7 +259,7 @@ def test_skip_corrupt_logs_every_file_and_records_them(tmp_path, caplog):
 
 
 def test_cli_prints_one_line_without_traceback(tmp_path):
-  """`python -m camkd_jax.main` on bad data: 'error: <message>' and exit code 1."""
+  """`python -m camkd_jax.main` on bad data: 'error: <message>' and exit code 2."""
   import subprocess
   import sys
   make_folder(tmp_path / 'd', {'train': {'a': 4, 'b': 4}, 'test': {'a': 2}})
@@ -269,7 +269,7 @@ def test_cli_prints_one_line_without_traceback(tmp_path):
        f'configs/ce_student.py:dataset=folder,root={tmp_path / "d"},smoke=1',
        '--workdir', str(tmp_path / 'run')], capture_output=True, text=True, env=env,
       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
-  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert proc.returncode == 2, proc.stderr[-3000:]
   assert "error: folder: class(es) ['b'] have no test examples" in proc.stderr
   assert 'Traceback' not in proc.stderr
 

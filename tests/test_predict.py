@@ -148,6 +148,6 @@ def test_predict_cli_error_is_one_line(tmp_path):
                          str(tmp_path / 'none'), '--split', 'test', '--out',
                          str(tmp_path / 'o.csv')], capture_output=True, text=True, env=env,
                         cwd=REPO, timeout=300)
-  assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith(
       f'error: run directory {tmp_path / "none"} does not exist')

@@ -397,3 +397,78 @@ def test_native_student_end_to_end(tmp_path):
   assert saved['student']['view'] == 'native'
   cm = np.asarray(out['student']['test']['confusion_matrix'])
   assert cm.sum() == out['student']['test']['num_examples'] == 32
+
+
+# ----------------------------------------------------------------------------- Ctrl-C / SIGTERM
+# Sends `signum` to the process itself while the {at}-th training batch is fetched: the step that
+# batch feeds finishes, is checkpointed, and the run stops (camkd_jax.interrupts).
+SIGNAL_PRELUDE = """
+import os, signal
+from camkd_jax import input_pipeline
+_orig, _count = input_pipeline.Data.train_batches, [0]
+def _train_batches(self, epoch, start_step=0):
+  for batch in _orig(self, epoch, start_step):
+    _count[0] += 1
+    if _count[0] == {at}:
+      os.kill(os.getpid(), {signum})
+    yield batch
+input_pipeline.Data.train_batches = _train_batches
+"""
+
+
+@pytest.mark.slow
+def test_resume_after_sigint_and_sigterm_matches_uninterrupted_run(tmp_path, reference_run,
+                                                                   e2e_env):
+  """Ctrl-C in the teacher stage, SIGTERM in the student stage: each checkpoints the step it
+  finished, prints one line naming the step to resume from (no traceback) and exits 130 / 143;
+  the resumed run ends bit-identical to the uninterrupted one."""
+  ref, run = reference_run[0], tmp_path / 'interrupted'
+  args = E2E_ARGS + ['--workdir', str(run)]
+  # 1) SIGINT while fetching the teacher's 5th batch: step 5 finishes and is checkpointed.
+  proc = run_cli(args, e2e_env, prelude=SIGNAL_PRELUDE.format(at=5, signum=int(signal.SIGINT)))
+  assert proc.returncode == 130, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last == ('error: interrupted at step 5; rerun the same command to resume from step 5 '
+                  '(teacher stage, SIGINT)'), proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr
+  assert sorted(os.listdir(run / 'checkpoints' / 'teacher')) == ['3', '5']
+  assert not (run / 'teacher').exists() and not (run / 'metrics.json').exists()
+  # 2) resumed at 5: teacher steps 6..8 (3 batches), then SIGTERM while fetching the student's
+  #    11th batch: step 11 is checkpointed beside 9 (every 3 steps); 8 (epoch end) rotates out.
+  proc = run_cli(args, e2e_env, prelude=SIGNAL_PRELUDE.format(at=3 + 11,
+                                                              signum=int(signal.SIGTERM)))
+  assert proc.returncode == 143, proc.stderr[-3000:]
+  assert 'teacher: resumed from' in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      'error: interrupted at step 11; rerun the same command to resume from step 11 '
+      '(student stage, SIGTERM)'), proc.stderr[-3000:]
+  assert sorted(os.listdir(run / 'checkpoints' / 'student')) == ['11', '9']
+  # 3) resumed to the end.
+  proc = run_cli(args, e2e_env)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  assert 'student: resumed from' in proc.stderr
+  a, b = load_json(ref / 'metrics.json'), load_json(run / 'metrics.json')
+  for model in ('teacher', 'student'):
+    for key in ('val', 'test', 'epoch'):
+      assert a[model][key] == b[model][key], (model, key)
+  assert a['student']['history'] == b['student']['history']
+  for model in ('teacher', 'student'):
+    pa, pb = _params(str(ref / model)), _params(str(run / model))
+    assert pa.keys() == pb.keys() and len(pa) == 28
+    for k in pa:
+      np.testing.assert_array_equal(pa[k], pb[k], err_msg=f'{model} {k}')
+  # No TensorBoard step twice (steps 6 and 10-12 were logged before the interrupts' resumes too).
+  for stage in ('teacher', 'student'):
+    steps = _tensorboard_steps(run / 'tensorboard' / stage)
+    assert len(steps) == len(set(steps)), (stage, sorted(steps))
+    assert set(steps) == set(_tensorboard_steps(ref / 'tensorboard' / stage)), stage
+
+
+def _tensorboard_steps(logdir):
+  """[(tag, step)] of every scalar in `logdir`'s event files."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  out = []
+  for name in sorted(os.listdir(logdir)):
+    for e in tf.compat.v1.train.summary_iterator(os.path.join(logdir, name)):
+      out += [(v.tag, e.step) for v in e.summary.value]
+  return out

@@ -7,6 +7,7 @@
 Only this package and camkd_jax/input_pipeline.py import TensorFlow.
 """
 from absl import logging
+from camkd_jax import quiet_tf  # noqa: F401  (before TensorFlow)
 
 KNOWN = ('synthetic_histology', 'sicapv2', 'folder', 'table')
 

@@ -15,12 +15,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from camkd_jax import errors
+
 SPLITS = ('train', 'validation', 'test')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
 SHOW_FIRST = 10  # how many bad files / rows an error lists before "and N more"
 
 
-class DataError(ValueError):
+class DataError(errors.UserError, ValueError):
   """Bad input data or data config. The message names the file/row/key and what to do; the
   command line prints it as is, with no traceback."""
 
