@@ -233,12 +233,11 @@ def test_signal_swallowed_by_a_callback_is_raised_again(capfd):
 
 
 def test_user_errors_include_data_errors():
-  class DataError(ValueError):
-    pass
-  DataError.__module__ = 'camkd_jax.datasets.base'
-  class Sub(DataError):
-    pass
-  assert errors.is_user_error(errors.ConfigError('x')) and errors.is_user_error(Sub('x'))
+  from camkd_jax.datasets import base  # pylint: disable=g-import-not-at-top
+  assert errors.is_user_error(errors.ConfigError('x'))
+  assert errors.is_user_error(base.DataError('x')) and errors.is_user_error(
+      base.DataNotFoundError('x'))
+  assert isinstance(base.DataError('x'), ValueError)
   assert not errors.is_user_error(ValueError('x')) and not errors.is_user_error(KeyError('x'))
 
 

@@ -10,6 +10,8 @@ import textwrap
 
 import pytest
 
+from configs import base
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = 'configs/attn_kd.py:smoke=1'
 
@@ -26,8 +28,7 @@ def run_main(args, prelude=''):
 
 MAGNIFICATION = ('is not a magnification: use a positive objective power such as 10, 5, 2.5, '
                  '1.25 or 0.625 (base_magnification / a power of two)')
-KNOWN_ARGS = "['data_dir', 'dataset', 'fold', 'magnification', 'protocol', 'root', 'seeds', " \
-             "'smoke', 'table']"
+KNOWN_ARGS = str(sorted(base.ARG_TYPES))
 
 
 @pytest.mark.parametrize('args, message', [

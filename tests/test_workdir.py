@@ -67,9 +67,11 @@ def test_workdir_of_an_older_config_with_a_retired_key_resumes(tmp_path):
   assert 'shuffle_buffer' not in load_json(path)
 
 
-def test_clear_workdir_keeps_a_teacher_inside_it(tmp_path):
+def test_overwrite_teacher_refuses_a_configured_teacher_inside_the_workdir(tmp_path):
   workdir = tmp_path / 'run'
-  config = smoke_config(**{'teacher.checkpoint': str(workdir / 'teacher')})
+  workdir.mkdir()
+  config = smoke_config(**{'teacher.checkpoint': str(workdir / 'teacher'),
+                           'overwrite_teacher': True})
   with pytest.raises(ValueError, match='lies inside .* copy the teacher elsewhere'):
     workdir_lib.clear_workdir(config, str(workdir))
 
