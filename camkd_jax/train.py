@@ -122,6 +122,14 @@ def validate_view(config, factor: int):
         f'Use a magnification of at least '
         f'{config.base_magnification * MIN_INPUT_SIZE / config.image_size:g}x, a larger '
         'config.image_size, or config.student.view=upsampled.')
+  spatial = [t for t in ('fm', 'at') if float(config.loss[t])]
+  if config.method != 'teacher' and view == 'native' and size < 2 * MIN_INPUT_SIZE and spatial:
+    logging.warning(
+        'config.student.view=native: the student\'s %dx%d px input leaves a 1x1 block5 map, so '
+        '%s compare(s) maps with no spatial extent (measured: the native 2.5x FM + AT+ student '
+        'of 64 px images stays near chance; see docs/native.md). Consider a larger '
+        'config.image_size or a higher magnification.', size, size, ' and '.join(
+            t.upper() if t == 'fm' else 'AT+' for t in spatial))
 
 
 def validate_init(config):

@@ -14,9 +14,10 @@ Rows:
   teacher            10x, level 0, tiles of image_size px;
   student upsampled  2.5x (the run's student), level 1, tiles of image_size / 4 px upsampled back
                      to image_size in the step: what the reference's students cost;
-  student native     the same tiles fed as they are (view 'native'). COST ONLY: the run's student
-                     was trained on upsampled views, so its predictions in this row mean nothing;
-                     a student trained native (issue 13 sections 1-3) plugs into the same flag.
+  student native     the same tiles fed as they are (view 'native'). With --native_workdir, a
+                     student trained native (same teacher and magnification); without it, the
+                     upsampled run's student fed native tiles: COST ONLY, its predictions mean
+                     nothing.
 Whole-path time includes the per-slide fixed costs (plan: thumbnail + tissue mask; outputs:
 CSV + two matplotlib PNGs, ~0.5 s), which dominate a slide this small; the stream rate (tiles /
 time from planning to the last batch, the slide summary's tiles_per_second) is what scales to a
@@ -66,6 +67,10 @@ def parse():
   p.add_argument('--utilisation', type=float, default=0.4,
                  help='assumed fraction of the dense peak reached on the H100')
   p.add_argument('--json_out', default='')
+  p.add_argument('--native_workdir', default='',
+                 help='a finished run whose student was trained native (config.student.view='
+                      'native, same teacher and magnification): its row replaces the cost-only '
+                      'native row, so its agreement with the ground truth means something')
   return p.parse_args()
 
 
@@ -198,7 +203,13 @@ def main():
   truth = write_bench_slide(args, teacher.image_size)
   rows = [Row(teacher, 'teacher', truth, args, 'teacher'),
           Row(student, 'student', truth, args, f'student {student.view}')]
-  if student.view != 'native':
+  if args.native_workdir:
+    native = inference.load_run_model(args.native_workdir, 'student')
+    if native.view != 'native' or native.factor != student.factor:
+      raise SystemExit(f'--native_workdir={args.native_workdir}: its student is {native.view} at '
+                       f'factor {native.factor}; need a native student at factor {student.factor}')
+    rows.append(Row(native, 'student', truth, args, 'student native (trained native)'))
+  elif student.view != 'native':
     native = dataclasses.replace(student, view='native')
     rows.append(Row(native, 'student', truth, args, 'student native (cost only)'))
   rows = measure(rows, args.repeats)

@@ -370,6 +370,20 @@ def test_native_input_under_16_px_is_refused_naming_the_sizes(mag, size, ok):
     train.validate_config(c, 1)
 
 
+def test_native_one_pixel_block5_map_warns_for_fm_and_at(caplog):
+  c = attn_kd.get_config('magnification=2.5')   # 64 px / 4 = 16 px: block5 is 1x1
+  c.student.view = 'native'
+  with caplog.at_level('WARNING'):
+    train.validate_view(c, 4)
+  assert '16x16 px input leaves a 1x1 block5 map, so FM and AT+ compare' in caplog.text
+  caplog.clear()
+  c = attn_kd.get_config('magnification=5')     # 32 px: block5 is 2x2, no warning
+  c.student.view = 'native'
+  with caplog.at_level('WARNING'):
+    train.validate_view(c, 2)
+  assert 'block5 map' not in caplog.text
+
+
 def test_unknown_view_is_refused():
   c = attn_kd.get_config()
   c.student.view = 'full'
