@@ -239,6 +239,15 @@ def test_sicapv2_config_resolves_to_the_papers_protocol():
   assert train.stage_init(c, 'student') == {'weights': 'imagenet', 'head': 'pytorch'}
 
 
+def test_paper_protocol_on_the_embedded_data_is_full_width_imagenet_two_epochs():
+  c = attn_kd.get_config('protocol=paper')
+  assert (c.model.width, c.model.init_weights, c.teacher.num_epochs, c.num_epochs) == (
+      1.0, 'imagenet', 2, 2)
+  assert tuple(c.model.input_mean) == ()
+  c = attn_kd.get_config('dataset=sicapv2,data_dir=/nonexistent')
+  assert (c.teacher.num_epochs, c.num_epochs) == (20, 20)  # the reference's
+
+
 def test_default_config_stays_random_init():
   c = attn_kd.get_config()
   assert c.protocol == 'default' and c.model.init_weights == '' and c.model.width == 0.125
