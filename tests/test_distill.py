@@ -200,8 +200,10 @@ def test_native_student_costs_about_one_over_f_squared(tiny64):
     assert ratio >= 0.9 * f * f, (f, fl)
 
 
-def test_native_train_step_is_finite_and_updates(tiny64):
-  model, tp, sp, images = tiny64
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_native_train_step_is_finite_and_updates(tiny64, dtype):
+  _, tp, sp, images = tiny64
+  model = get_model('vgg16', 4, width=0.0625, dtype=dtype)
   mesh = sharding.make_mesh(jax.devices()[:1])
   cfg = distill.StepConfig(factor=2, view='native', weights=(('ce', 1.), ('kd', 1.), ('fm', .1),
                                                              ('at', 10.), ('sr', 1.)))
@@ -215,3 +217,4 @@ def test_native_train_step_is_finite_and_updates(tiny64):
   assert all(np.isfinite(float(v)) for v in m.values())
   assert not np.array_equal(np.asarray(state['params']['features_0']['kernel']),
                             sp['features_0']['kernel'])
+  assert state['params']['features_0']['kernel'].dtype == jnp.float32  # bf16 compute only
