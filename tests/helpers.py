@@ -10,9 +10,8 @@ from configs import attn_kd
 from configs import base as base_config
 
 
-def smoke_config(**overrides):
-  """configs/attn_kd.py:smoke=1 with dotted-key overrides, e.g. **{'loss.at': 5.0}."""
-  config = attn_kd.get_config('smoke=1')
+def set_fields(config, **overrides):
+  """Sets dotted-key fields, e.g. **{'loss.at': 5.0}; returns the config."""
   for key, value in overrides.items():
     node = config
     *path, last = key.split('.')
@@ -20,6 +19,11 @@ def smoke_config(**overrides):
       node = node[p]
     node[last] = value
   return config
+
+
+def smoke_config(**overrides):
+  """configs/attn_kd.py:smoke=1 with dotted-key overrides, e.g. **{'loss.at': 5.0}."""
+  return set_fields(attn_kd.get_config('smoke=1'), **overrides)
 
 
 def load_json(path):

@@ -17,18 +17,13 @@ from camkd_jax import input_pipeline as ip
 from camkd_jax.datasets import base
 from camkd_jax.datasets import folder
 from configs import base as base_config
+from helpers import set_fields
 
 
 def _config(**over):
   c = base_config.base_config('smoke=1')
   c.image_size, c.magnification, c.batch_size, c.eval_batch_size = 8, 5.0, 2, 4
-  for key, value in over.items():
-    node = c
-    *path, last = key.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
+  return set_fields(c, **over)
 
 
 def _img(seed, h=8, w=8):

@@ -171,45 +171,41 @@ def test_config_errors_are_user_errors_and_value_errors():
 
 
 # ----------------------------------------------------------------------------- interrupts
-def test_signal_outside_a_loop_raises_at_once():
+@pytest.fixture
+def installed_interrupts():
+  """interrupts.install() for one test; the previous handlers come back afterwards."""
   old = {s: signal.getsignal(s) for s in interrupts.SIGNALS}
-  try:
-    interrupts.install()
+  interrupts.install()
+  yield
+  for s, h in old.items():
+    signal.signal(s, h)
+  interrupts.reset()
+
+
+def test_signal_outside_a_loop_raises_at_once(installed_interrupts):
+  with pytest.raises(errors.Interrupted) as info:
+    os.kill(os.getpid(), signal.SIGTERM)
+  assert info.value.exit_code == 143
+  assert str(info.value) == ('interrupted before the first training step (SIGTERM); rerun the '
+                             'same command to start again')
+
+
+def test_signal_inside_a_loop_is_deferred_then_a_second_one_raises(installed_interrupts):
+  interrupts.progress('student', 7, 6)
+  with interrupts.deferred():
+    os.kill(os.getpid(), signal.SIGINT)  # recorded only
+    assert interrupts.pending() == signal.SIGINT
+    interrupts.progress('student', 8, 8)
     with pytest.raises(errors.Interrupted) as info:
-      os.kill(os.getpid(), signal.SIGTERM)
-    assert info.value.exit_code == 143
-    assert str(info.value) == ('interrupted before the first training step (SIGTERM); rerun the '
-                               'same command to start again')
-  finally:
-    for s, h in old.items():
-      signal.signal(s, h)
-    interrupts.reset()
+      os.kill(os.getpid(), signal.SIGINT)  # the user insists
+  assert info.value.exit_code == 130
+  assert str(info.value) == ('interrupted at step 8; rerun the same command to resume from '
+                             'step 8 (student stage, SIGINT)')
 
 
-def test_signal_inside_a_loop_is_deferred_then_a_second_one_raises():
-  old = {s: signal.getsignal(s) for s in interrupts.SIGNALS}
-  try:
-    interrupts.install()
-    interrupts.progress('student', 7, 6)
-    with interrupts.deferred():
-      os.kill(os.getpid(), signal.SIGINT)  # recorded only
-      assert interrupts.pending() == signal.SIGINT
-      interrupts.progress('student', 8, 8)
-      with pytest.raises(errors.Interrupted) as info:
-        os.kill(os.getpid(), signal.SIGINT)  # the user insists
-    assert info.value.exit_code == 130
-    assert str(info.value) == ('interrupted at step 8; rerun the same command to resume from '
-                               'step 8 (student stage, SIGINT)')
-  finally:
-    for s, h in old.items():
-      signal.signal(s, h)
-    interrupts.reset()
-
-
-def test_signal_swallowed_by_a_callback_is_raised_again(capfd):
+def test_signal_swallowed_by_a_callback_is_raised_again(capfd, installed_interrupts):
   """A signal that lands in a __del__ (or JAX's GC callback): Python would print the exception
   and go on; it is raised again in the main code instead, and nothing is printed."""
-  old = {s: signal.getsignal(s) for s in interrupts.SIGNALS}
   hook = sys.unraisablehook
 
   class SignalInDel:
@@ -218,7 +214,6 @@ def test_signal_swallowed_by_a_callback_is_raised_again(capfd):
       for _ in range(100):  # the handler runs here, inside __del__
         pass
   try:
-    interrupts.install()
     with pytest.raises(errors.Interrupted, match=r'\(SIGTERM\)'):
       obj = SignalInDel()
       del obj
@@ -226,10 +221,7 @@ def test_signal_swallowed_by_a_callback_is_raised_again(capfd):
         time.sleep(0.001)
     assert 'Traceback' not in capfd.readouterr().err
   finally:
-    for s, h in old.items():
-      signal.signal(s, h)
     sys.unraisablehook = hook
-    interrupts.reset()
 
 
 def test_user_errors_include_data_errors():
