@@ -35,18 +35,23 @@ from camkd_jax import errors
 from camkd_jax.datasets import base
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'A finished run (for a multi-seed run: RUN/seed_<n>).')
-flags.DEFINE_enum('model', 'student', ['student', 'teacher'], 'Which exported model.')
-flags.DEFINE_string('split', None, 'train | validation | test of the run\'s own data.')
-flags.DEFINE_string('folder', None, 'Folder of patches: DIR/<class>/* and/or DIR/*.')
-flags.DEFINE_string('table', None, 'CSV/XLSX table of patches.')
-flags.DEFINE_string('image_column', None, 'Image column of --table (default: the run\'s).')
-flags.DEFINE_string('label_column', None, 'Label column of --table (default: the run\'s, else '
-                    '"label" when the table has one).')
-flags.DEFINE_string('out', None, 'Output CSV.')
-flags.DEFINE_integer('batch_size', 0, 'Patches per step (default: the run\'s eval_batch_size).')
-flags.DEFINE_bool('skip_corrupt', False, 'Skip unreadable images (listed in the log).')
-flags.DEFINE_bool('overwrite', False, 'Replace an existing --out.')
+
+
+def define_flags():
+  """The command's flags (defined only when run as a command: importing the module defines
+  none, so it coexists with other absl programs such as camkd_jax.main)."""
+  flags.DEFINE_string('workdir', None, 'A finished run (for a multi-seed run: RUN/seed_<n>).')
+  flags.DEFINE_enum('model', 'student', ['student', 'teacher'], 'Which exported model.')
+  flags.DEFINE_string('split', None, 'train | validation | test of the run\'s own data.')
+  flags.DEFINE_string('folder', None, 'Folder of patches: DIR/<class>/* and/or DIR/*.')
+  flags.DEFINE_string('table', None, 'CSV/XLSX table of patches.')
+  flags.DEFINE_string('image_column', None, 'Image column of --table (default: the run\'s).')
+  flags.DEFINE_string('label_column', None, 'Label column of --table (default: the run\'s, else '
+                      '"label" when the table has one).')
+  flags.DEFINE_string('out', None, 'Output CSV.')
+  flags.DEFINE_integer('batch_size', 0, 'Patches per step (default: the run\'s eval_batch_size).')
+  flags.DEFINE_bool('skip_corrupt', False, 'Skip unreadable images (listed in the log).')
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing --out.')
 
 
 def run_config(workdir):
@@ -236,5 +241,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flags_as_required(['workdir', 'out'])
   app.run(main)

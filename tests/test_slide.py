@@ -313,17 +313,17 @@ def test_slides_are_shared_across_processes():
 def test_two_processes_share_the_slides(slides, random_run, tmp_path):
   """Under jax.distributed (two CPU processes on localhost) slide i goes to process i % 2: each
   writes its own slides and run_summary_p<i>.json; the process with the bad file exits 1."""
-  import test_multihost  # pylint: disable=g-import-not-at-top
+  import test_distributed  # pylint: disable=g-import-not-at-top
   d, s = slides
   workdir = random_run
-  port = test_multihost.free_port()
+  port = test_distributed.free_port()
   out = tmp_path / 'out'
   argv = [sys.executable, '-m', 'camkd_jax.slide', '--workdir', workdir, '--model', 'teacher',
           '--out', str(out), '--batch_size', '16', '--readers', '1',
           s['s10'].path, s['s20'].path, str(d / 'notes.svs')]
   procs = []
   for i in range(2):
-    env = test_multihost._env(1, str(tmp_path / 'cache'), dict(  # pylint: disable=protected-access
+    env = test_distributed._env(1, str(tmp_path / 'cache'), dict(  # pylint: disable=protected-access
         CAMKD_COORDINATOR=f'localhost:{port}', CAMKD_PROCESS_ID=str(i), CAMKD_NUM_PROCESSES='2'))
     procs.append(subprocess.Popen(argv, env=env, cwd=conftest.REPO, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True))
