@@ -76,6 +76,14 @@ def init_params(model, rng, image_size: int):
   return model.init(rng, jnp.zeros((1, image_size, image_size, 3), jnp.float32))['params']
 
 
+def abstract_params(model, image_size: int, placement):
+  """Shapes and dtypes of `model`'s parameters placed with `placement` (a jax Sharding),
+  computing nothing: the template orbax restores into."""
+  shapes = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), image_size))
+  return jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=placement), shapes)
+
+
 def create_train_state(params, tx, rng) -> Dict[str, Any]:
   """The train state pytree (step 0). Params are copied: the step donates the state's buffers,
   which must not delete the caller's arrays."""

@@ -148,11 +148,8 @@ def load_run_model(workdir: str, which: str = 'student') -> RunModel:
 
 def _restore_params(path: str, model, image_size: int):
   """Parameters on this process's first device (every process restores its own copy)."""
-  shapes = jax.eval_shape(lambda: distill.init_params(model, jax.random.PRNGKey(0), image_size))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  template = jax.tree_util.tree_map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
-  params, _ = checkpoints.load_model(path, template)
+  params, _ = checkpoints.load_model(path, distill.abstract_params(model, image_size, device))
   return params
 
 

@@ -308,10 +308,7 @@ def check_teacher_metadata(meta, config, data, path):
 
 def abstract_params(model, image_size, mesh):
   """Shapes, dtypes and (replicated) shardings of the model's parameters, computing nothing."""
-  shapes = jax.eval_shape(lambda: distill.init_params(model, jax.random.PRNGKey(0), image_size))
-  rep = sharding.replicated(mesh)
-  return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep),
-                                shapes)
+  return distill.abstract_params(model, image_size, sharding.replicated(mesh))
 
 
 def obtain_teacher(config, workdir, data, mesh, model, step_cfg, later_steps: int = 0):
