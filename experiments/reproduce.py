@@ -18,6 +18,13 @@ every method a student, summarised as mean +/- std over seeds in RESULTS.md plus
 A cell whose workdir holds a finished metrics.json is not recomputed; an interrupted cell resumes
 from its checkpoint. Hyper-parameters are fixed before the sweep (chosen on validation only).
 
+`--store=DIR` keeps one small JSON record per finished cell (its metrics.json, the sweep's settings,
+the commit and the date) in DIR, meant to be committed with the results. A study longer than one
+machine's life resumes from the store: a recorded cell is not retrained even when its workdir is
+gone, and the report is built from the records. A seed's teacher is retrained (its checkpoint is
+needed) only when one of its students is still missing; its new metrics are compared with the
+record. The store refuses records of a sweep with other settings (protocol, dataset, --set, smoke).
+
 `--workers=N` runs the grid in N processes, worker k taking every N-th cell and pinned to CPU core
 k (on a 2-core CPU two single-threaded workers finish the grid sooner than one process using both
 cores: the per-cell start-up, evaluation and checkpointing are mostly single-threaded). A student
@@ -77,6 +84,9 @@ def parse_args(argv=None):
   p.add_argument('--out', default=os.path.join(REPO, 'experiments', 'RESULTS.md'))
   p.add_argument('--plot', default='', help='PNG path (default: next to --out)')
   p.add_argument('--notes', default='', help='markdown file appended to the report')
+  p.add_argument('--store', default='',
+                 help='folder of per-cell result records (commit it): a study resumes from it '
+                      'on a fresh machine; see the module docstring')
   p.add_argument('--report_only', action='store_true',
                  help='train nothing: summarise the cells already finished')
   p.add_argument('--estimate', default='', metavar='DISTILL[,TEACHER[,EVAL]]',
@@ -231,6 +241,77 @@ def finished(workdir, key):
   return out if key in out else None
 
 
+# The settings that must agree between a store's records and the sweep that reads or adds to it.
+STORE_KEYS = ('dataset', 'data_dir', 'smoke', 'protocol', 'set')
+
+
+def store_settings(args):
+  return {'dataset': args.dataset, 'data_dir': args.data_dir, 'smoke': bool(args.smoke),
+          'protocol': args.protocol, 'set': sorted(args.set)}
+
+
+def store_record_path(store, workdir):
+  return os.path.join(store, os.path.basename(os.path.normpath(workdir)) + '.json')
+
+
+def check_store(args):
+  """Creates `args.store` with its settings, or checks that they are this sweep's."""
+  if not args.store:
+    return
+  from camkd_jax import errors  # pylint: disable=g-import-not-at-top
+  path = os.path.join(args.store, 'sweep.json')
+  mine = store_settings(args)
+  if not os.path.exists(path):
+    errors.atomic_write(path, lambda f: json.dump(mine, f, indent=1))
+    return
+  with open(path) as f:
+    theirs = json.load(f)
+  diff = {k: (theirs.get(k), mine[k]) for k in STORE_KEYS if theirs.get(k) != mine[k]}
+  if diff:
+    lines = '; '.join(f'{k}: store {a!r}, this sweep {b!r}' for k, (a, b) in diff.items())
+    raise SystemExit(f'--store={args.store} holds the records of a sweep with other settings '
+                     f'({lines}). Use the same settings to add to it, or another --store.')
+
+
+def stored(args, workdir, key):
+  """The metrics.json kept in the store for this cell, or None."""
+  if not args.store:
+    return None
+  path = store_record_path(args.store, workdir)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    record = json.load(f)
+  return record['metrics'] if key in record.get('metrics', {}) else None
+
+
+def _commit():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  try:
+    return subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return ''
+
+
+def record_cell(args, workdir, cell, metrics, extra=None):
+  """Writes the store's record of a finished cell (never replaces an existing one)."""
+  path = store_record_path(args.store, workdir)
+  if os.path.exists(path):
+    return
+  from camkd_jax import errors  # pylint: disable=g-import-not-at-top
+  method, mag, seed = cell
+  record = {'cell': os.path.basename(os.path.normpath(workdir)), 'method': method,
+            'magnification': mag, 'seed': seed, 'settings': store_settings(args),
+            'commit': _commit(), 'recorded': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
+            'metrics': metrics, **(extra or {})}
+  errors.atomic_write(path, lambda f: json.dump(record, f, indent=1))
+
+
+def kappas(report):
+  return {split: report[split]['kappa'] for split in SPLITS}
+
+
 def cells(args):
   mags = [float(m) for m in args.magnifications.split(',')]
   methods = [m.strip() for m in args.methods.split(',')]
@@ -260,6 +341,7 @@ def run_cell(config, workdir):
 def sweep(args):
   """Runs every missing cell; returns {('teacher', seed) | (method, mag, seed): metrics}."""
   mags, methods, seeds = cells(args)
+  check_store(args)
   todo = [('teacher', None, s) for s in seeds] + [
       (m, g, s) for s in seeds for g in mags for m in methods]
   k, n = worker_share(args.worker)
@@ -267,22 +349,27 @@ def sweep(args):
   dirs = [(os.path.join(args.workdir, f'teacher_s{seed}'), 'teacher') if method == 'teacher' else
           (os.path.join(args.workdir, f'{method}_m{mag:g}_s{seed}'), 'student')
           for method, mag, seed in todo]
-  # ETA over this worker's unfinished cells only (finished ones cost nothing).
-  pending = sum(1 for i, (wd, key) in enumerate(dirs)
-                if i % n == k and finished(wd, key) is None)
+  # A cell is done when its workdir or the store holds its metrics. A teacher is also trained
+  # when it is only in the store but one of its students still has to be trained (they need its
+  # checkpoint). Every worker computes the same plan.
+  done = [finished(wd, key) or stored(args, wd, key) for wd, key in dirs]
+  students_left = {seed for (method, _, seed), out in zip(todo, done)
+                   if method != 'teacher' and out is None}
+  train = [out is None or (method == 'teacher' and seed in students_left
+                           and finished(dirs[i][0], 'teacher') is None)
+           for i, ((method, _, seed), out) in enumerate(zip(todo, done))]
+  # ETA over this worker's cells to train only (finished ones cost nothing).
+  pending = sum(1 for i in range(len(todo)) if i % n == k and train[i])
   results, t0, done_here = {}, time.time(), 0
   for i, (method, mag, seed) in enumerate(todo):
     wd, key = dirs[i]
-    out = finished(wd, key)
-    if out is None and args.report_only:
-      continue
-    if out is None and i % n != k:
-      continue  # another worker's cell
-    if out is None:
+    out = done[i]
+    if train[i] and not args.report_only and i % n == k:
       elapsed = time.time() - t0
       remaining = pending - done_here
       eta = elapsed / done_here * remaining if done_here else float('nan')
-      print(f'[{tag} {i + 1}/{len(todo)}] {method} m={mag} seed={seed} -> {wd} '
+      again = ' (again: its students need the checkpoint)' if out is not None else ''
+      print(f'[{tag} {i + 1}/{len(todo)}] {method} m={mag} seed={seed} -> {wd}{again} '
             f'(ETA {reporting.format_duration(eta)})', flush=True)
       if method == 'teacher':
         config = teacher_config(args, seed)
@@ -291,8 +378,22 @@ def sweep(args):
         wait_for_teacher(teacher_wd, args.teacher_wait_s)
         config = method_config(method, config_arg(args, mag), seed, args.set)
         config.teacher.checkpoint = os.path.join(teacher_wd, 'teacher')
-      out = run_cell(config, wd)
+      new = run_cell(config, wd)
       done_here += 1
+      if out is not None and kappas(out[key]) != kappas(new[key]):
+        print(f'  note: retrained {method} seed={seed} differs from its stored record: '
+              f'{kappas(new[key])} now, {kappas(out[key])} recorded (the record is kept; its '
+              'students trained now use the new checkpoint and record its kappa)', flush=True)
+      out = out or new
+    if out is None:
+      continue
+    if args.store and finished(wd, key) is not None:
+      extra = {}
+      if method != 'teacher':  # the teacher this student was distilled from (its workdir's)
+        teacher = finished(dirs[todo.index(('teacher', None, seed))][0], 'teacher')
+        if teacher is not None:
+          extra['teacher_kappa'] = kappas(teacher['teacher'])
+      record_cell(args, wd, (method, mag, seed), out, extra)
     results[(method, mag, seed)] = out
   return results, time.time() - t0
 

@@ -23,7 +23,8 @@ def test_reproduce_tiny_grid_writes_results_and_resumes(tmp_path):
   env = study_env(tmp_path)
   cmd = [sys.executable, 'experiments/reproduce.py', '--magnifications=2.5',
          '--methods=ce,fm_at', '--seeds=22', '--smoke', f'--workdir={tmp_path / "runs"}',
-         f'--out={out}', '--set=data.data_dir=' + str(tmp_path / 'tfds')]
+         f'--out={out}', '--set=data.data_dir=' + str(tmp_path / 'tfds'),
+         f'--store={tmp_path / "store"}']
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert '[study 3/3] fm_at m=2.5 seed=22' in proc.stdout
@@ -69,6 +70,36 @@ def test_reproduce_tiny_grid_writes_results_and_resumes(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert '[study' not in again.stdout
   assert json.loads((tmp_path / 'RESULTS.json').read_text()) == table
+  # The store: one record per cell holding the cell's metrics.json, the sweep's settings and the
+  # teacher a student was distilled from.
+  store = tmp_path / 'store'
+  assert sorted(os.listdir(store)) == ['ce_m2.5_s22.json', 'fm_at_m2.5_s22.json', 'sweep.json',
+                                       'teacher_s22.json']
+  teacher_metrics = json.loads((tmp_path / 'runs' / 'teacher_s22' / 'metrics.json').read_text())
+  rec = json.loads((store / 'fm_at_m2.5_s22.json').read_text())
+  assert rec['metrics'] == json.loads(
+      (tmp_path / 'runs' / 'fm_at_m2.5_s22' / 'metrics.json').read_text())
+  assert rec['settings']['smoke'] is True and (rec['method'], rec['seed']) == ('fm_at', 22)
+  assert rec['teacher_kappa'] == {s: teacher_metrics['teacher'][s]['kappa'] for s in ('val', 'test')}
+  # A fresh machine: the workdirs are gone, the store is not. The report comes from the store with
+  # nothing trained; a new method trains the teacher again (its checkpoint is needed) and only
+  # the new cell.
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(tmp_path / 'runs')
+  fresh = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert fresh.returncode == 0, fresh.stdout[-3000:] + fresh.stderr[-3000:]
+  assert '[study' not in fresh.stdout
+  assert json.loads((tmp_path / 'RESULTS.json').read_text()) == table
+  more = subprocess.run([a.replace('--methods=ce,fm_at', '--methods=ce,fm_at,kd') for a in cmd],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+  started = [l for l in more.stdout.splitlines() if l.startswith('[study')]
+  assert len(started) == 2, started
+  assert 'teacher m=None seed=22' in started[0] and 'again' in started[0]
+  assert 'kd m=2.5 seed=22' in started[1]
+  assert not (tmp_path / 'runs' / 'ce_m2.5_s22').exists()
+  assert set(json.loads((tmp_path / 'RESULTS.json').read_text())) == set(table) | {'kd|2.5'}
+  assert (store / 'kd_m2.5_s22.json').exists()
 
 
 @pytest.mark.slow
@@ -102,6 +133,17 @@ def _reproduce_module():
   finally:
     sys.path.pop(0)
   return reproduce
+
+
+def test_store_refuses_a_sweep_with_other_settings(tmp_path):
+  reproduce = _reproduce_module()
+  args = reproduce.parse_args([f'--store={tmp_path}', '--protocol=paper', '--set=num_epochs=2'])
+  reproduce.check_store(args)  # creates sweep.json
+  reproduce.check_store(args)  # the same settings: fine
+  other = reproduce.parse_args([f'--store={tmp_path}', '--protocol=paper', '--set=num_epochs=3'])
+  with pytest.raises(SystemExit, match=r"holds the records of a sweep with other settings \(set: "
+                     r"store \['num_epochs=2'\], this sweep \['num_epochs=3'\]\)"):
+    reproduce.check_store(other)
 
 
 def test_set_loss_weight_applies_only_where_the_method_uses_the_term():
