@@ -47,6 +47,11 @@ class OutputError(UserError, OSError):
     return str(self.args[0])  # the sentence (OSError's own text would be '[Errno N] ...')
 
 
+class NonFiniteError(UserError, FloatingPointError):
+  """A loss term, the total or a gradient became NaN / inf; the message names the step, the term
+  and the last good checkpoint, and what to change."""
+
+
 class Interrupted(UserError):
   """SIGINT / SIGTERM, raised between training steps."""
 

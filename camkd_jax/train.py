@@ -545,7 +545,7 @@ class StageRunner:
     if bad < 0:
       return
     terms = distill.decode_bad_terms(_host_scalar(self.state['bad_terms']))
-    raise FloatingPointError(
+    raise errors.NonFiniteError(
         f'{self.stage.name}: non-finite value(s) in {", ".join(terms)} at step {bad} (epoch '
         f'{bad // self.spe + 1}, step {bad % self.spe} of the epoch); detected at step {step}. '
         f'Nothing from that step on was saved: the last good checkpoint is step '
