@@ -157,3 +157,44 @@ def main_process_first(fn: Callable[[], T]) -> T:
     return out
   multihost_utils.sync_global_devices('camkd_jax_main_process_first')
   return fn()
+
+
+
+class _Preemption:
+  calls = 0  # training steps so far in this process: the step id of JAX's preemption sync
+
+
+def reached_preemption_sync_point() -> bool:
+  """Call once after every training step, on every process: True on all of them at the same step
+  once any process received SIGTERM (a scheduler's pre-emption notice).
+
+  In a multi-process run jax.distributed's preemption service takes SIGTERM (our Python handler
+  never sees it there): the notice is shared with every process and they agree on a safe step
+  (jax.experimental.multihost_utils.reached_preemption_sync_point). The step id is this process's
+  count of calls, the same on every process since all run the same steps from the same start.
+  On one process (no service) it is False at no cost."""
+  if jax.process_count() == 1:
+    return False
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  step, _Preemption.calls = _Preemption.calls, _Preemption.calls + 1
+  try:
+    return bool(multihost_utils.reached_preemption_sync_point(step))
+  except RuntimeError:  # jax_enable_preemption_service=False: SIGTERM reaches our handler
+    return False
+
+
+def agreed_signal(own: Optional[int]) -> Optional[int]:
+  """The stop signal every process acts on: `own` (this process's pending SIGINT, or
+  None) combined over all processes, the lowest process index with one winning. Call it at the
+  same step on every process (it is a collective); on one process it returns `own` at no cost.
+
+  Why: a Ctrl-C reaches one process (or several, not at the same instant), so each would stop
+  (and write its collective checkpoint) at a different step and the group would hang. Agreeing
+  at fixed steps makes all of them stop, and checkpoint, at the same one. (SIGTERM goes through
+  reached_preemption_sync_point instead.)"""
+  if jax.process_count() == 1:
+    return own
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  signals = np.ravel(multihost_utils.process_allgather(np.int32(own or 0)))
+  return own or next((int(s) for s in signals if s), None)

@@ -12,7 +12,14 @@ A signal that lands in code whose exceptions Python only prints (JAX's garbage-c
 callback, a __del__) is sent again from a helper thread (sys.unraisablehook), so it is neither
 printed as a traceback nor lost.
 
-The state is per process: with several processes, a scheduler signals every one of them.
+The state is per process. With several processes (jax.distributed) the training loop makes them
+stop at the same step with one collective checkpoint, whichever process was signalled: SIGTERM is
+taken by JAX's preemption service, which shares the notice and picks a safe step
+(camkd_jax.distributed.reached_preemption_sync_point, checked after every step); SIGINT is agreed
+on at every log step and epoch end (distributed.agreed_signal). Such processes report
+`(..., SIGTERM, process group)` and exit with the signal's code. A SIGINT outside the training loop
+(data loading, export) stops only the process that received it; a SIGTERM there is held by JAX
+until the next training step (or ignored if none follows).
 """
 import contextlib
 import signal
@@ -41,14 +48,16 @@ def signal_name(signum: int) -> str:
   return signal.Signals(signum).name
 
 
-def resume_message(signum: int) -> str:
-  """'interrupted at step N; rerun the same command to resume from step M (stage, SIGNAL)'."""
+def resume_message(signum: int, by_peer: bool = False) -> str:
+  """'interrupted at step N; rerun the same command to resume from step M (stage, SIGNAL)'
+  ('SIGNAL, process group' when it reached this process through a multi-process agreement)."""
   if not _state.stage:
     return (f'interrupted before the first training step ({signal_name(signum)}); rerun the same '
             'command to start again')
   saved = 0 if _state.saved is None else _state.saved
+  source = ', process group' if by_peer else ''
   return (f'interrupted at step {_state.step}; rerun the same command to resume from step '
-          f'{saved} ({_state.stage} stage, {signal_name(signum)})')
+          f'{saved} ({_state.stage} stage, {signal_name(signum)}{source})')
 
 
 def _handler(signum, frame):  # pylint: disable=unused-argument
@@ -110,6 +119,6 @@ def progress(stage: str, step: int, saved: Optional[int]):
   _state.stage, _state.step, _state.saved = stage, int(step), saved
 
 
-def stop(signum: int):
+def stop(signum: int, by_peer: bool = False):
   """Raises the Interrupted of a recorded signal (after the caller checkpointed)."""
-  raise errors.Interrupted(resume_message(signum), signum)
+  raise errors.Interrupted(resume_message(signum, by_peer), signum)

@@ -22,6 +22,7 @@ process 0 only, and evaluation gathers every process's predictions before comput
 """
 import dataclasses
 import os
+import signal
 import time
 from typing import Any, Dict, List, Tuple
 
@@ -617,17 +618,36 @@ class StageRunner:
     self.writer.flush()
 
   def stop_if_interrupted(self, step):
-    """After SIGINT / SIGTERM: checkpoints `step` (if not yet) and raises errors.Interrupted."""
-    signum = interrupts.pending()
+    """After SIGINT / SIGTERM: checkpoints `step` (if not yet) and raises errors.Interrupted.
+
+    Called once per training step. With several processes all of them stop at the same step:
+    SIGTERM through JAX's preemption sync (distributed.reached_preemption_sync_point, every
+    step), SIGINT by agreeing (distributed.agreed_signal, a collective) at every log step and
+    epoch end. A process signalled alone, or before the others, stops together with them."""
+    own = interrupts.pending()
+    by_peer = False
+    if jax.process_count() > 1:
+      signum = signal.SIGTERM if distributed.reached_preemption_sync_point() else None
+      by_peer = signum is not None  # JAX's service took the signal: which process is not known
+      sync = not (step % self.stage.config.log_every_steps and step % self.spe
+                  and step != self.total)
+      if signum is None and sync:
+        signum = distributed.agreed_signal(own)
+        by_peer = signum is not None and own is None
+    else:
+      signum = own
     if signum is None:
       return
+    if by_peer:
+      logging.warning('%s: %s received by the process group; all processes stop at step %d',
+                      self.stage.name, interrupts.signal_name(signum), step)
     if step != self.saved:
       logging.warning('%s: %s received; saving a checkpoint of step %d before stopping',
                       self.stage.name, interrupts.signal_name(signum), step)
       self.save(step)
     self.writer.close()
     interrupts.progress(self.stage.name, step, self.saved)
-    interrupts.stop(signum)
+    interrupts.stop(signum, by_peer=by_peer)
 
   def report(self) -> Dict[str, Any]:
     best = self.progress['best']

@@ -15,6 +15,7 @@ A persistent compilation cache shared by the runs keeps the relaunches cheap.
 """
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -118,11 +119,17 @@ def _env(devices: int, cache_dir: str, extra=None):
 class Launch:
   """`num_processes` processes of the CLI (a jax.distributed group when > 1), logs in files."""
 
-  def __init__(self, name, workdir, data_dir, num_processes, devices, cache_dir, args=()):
+  def __init__(self, name, workdir, data_dir, num_processes, devices, cache_dir, args=(),
+               prelude=''):
     self.name, self.workdir, self.procs, self.logs = name, workdir, [], []
     port = free_port()
-    argv = [sys.executable, '-m', 'camkd_jax.main', '--config', CONFIG, '--workdir', workdir,
-            f'--config.data.data_dir={data_dir}', *ARGS, *args]
+    cli = ['--config', CONFIG, '--workdir', workdir, f'--config.data.data_dir={data_dir}', *ARGS,
+           *args]
+    argv = [sys.executable, '-m', 'camkd_jax.main', *cli]
+    if prelude:  # test code run first in every process, then the CLI as `-m` would run it
+      argv = [sys.executable, '-c', '\n'.join([
+          prelude, 'import sys', 'from absl import app', 'from camkd_jax import main',
+          f"sys.argv = ['camkd_jax.main'] + {cli!r}", 'app.run(main.main)'])]
     for i in range(num_processes):
       extra = {}
       if num_processes > 1:
@@ -327,3 +334,76 @@ def test_killed_two_process_run_resumes_from_its_checkpoint(base, uninterrupted)
     assert_trees_close(load_params(os.path.join(two.workdir, model, 'params')),
                        load_params(os.path.join(workdir, model, 'params')), rtol=0.0,
                        what=f'{model} params ')
+
+
+# Process 1 alone receives SIGTERM (SIGNAL) while it fetches its `at`-th training batch (teacher +
+# student).
+SIGNAL_ONE_PROCESS = """
+import os, signal
+from camkd_jax import input_pipeline
+_orig, _count = input_pipeline.Data.train_batches, [0]
+def _train_batches(self, epoch, start_step=0):
+  for batch in _orig(self, epoch, start_step):
+    _count[0] += 1
+    if _count[0] == {at} and os.environ.get('CAMKD_PROCESS_ID') == '1':
+      os.kill(os.getpid(), signal.{signal})
+    yield batch
+input_pipeline.Data.train_batches = _train_batches
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step(base):
+  """A pre-emption notice (SIGTERM) that reaches one process of two: JAX's preemption service
+  shares it, both processes stop at the same step with one collective checkpoint, exit 143 with
+  the same message, and the rerun resumes from that step. (Before: the service swallowed the
+  signal and the run went on; a process stopping alone would have left the other waiting.)"""
+  workdir = os.path.join(base['root'], 'sigterm')
+  t0 = time.time()
+  args = NO_FIGURES + ['--config.max_steps=8']  # teacher 8 steps, student 8 steps (one epoch)
+  stopped = Launch('sigterm', workdir, base['data'], 2, 2, base['cache'], args,
+                   prelude=SIGNAL_ONE_PROCESS.format(at=8 + 2, signal='SIGTERM'))
+  deadline = time.time() + DEADLINE_S
+  while None in stopped.codes() and time.time() < deadline:
+    time.sleep(0.2)
+  if None in stopped.codes():
+    stopped.kill()
+    raise AssertionError('the group did not stop (a process waits for the other):\n'
+                         + stopped.tails())
+  assert stopped.codes() == [143, 143], stopped.tails()
+  last = [stopped.log(i).strip().splitlines()[-1] for i in (0, 1)]
+  assert last[0] == last[1], last
+  match = re.fullmatch(r'error: interrupted at step (\d+); rerun the same command to resume from '
+                       r'step (\d+) \(student stage, SIGTERM, process group\)', last[0])
+  assert match and match.group(1) == match.group(2), last
+  step = int(match.group(1))
+  assert 2 <= step < 8, step  # signalled at the student's 2nd batch, stopped within the epoch
+  assert str(step) in os.listdir(os.path.join(workdir, 'checkpoints', 'student'))
+  assert not os.path.exists(os.path.join(workdir, 'metrics.json'))
+  resumed = Launch('sigterm_resumed', workdir, base['data'], 2, 2, base['cache'], args)
+  wait([resumed])
+  print(f'SIGTERM to one process + resumed 2-process runs: {time.time() - t0:.1f} s')
+  assert re.search(rf'student: resumed from \S+/{step}\n', resumed.log(0)), resumed.tails()
+  assert read_json(os.path.join(workdir, 'metrics.json'))['student']['history'][-1]['step'] == 8
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_one_process_stops_both_at_the_next_log_step(base):
+  """SIGINT (not taken by JAX's preemption service) in one process: both agree at the next log
+  step (4 here) and stop there; the signalled process names SIGINT, the other the group."""
+  workdir = os.path.join(base['root'], 'sigint')
+  args = NO_FIGURES + ['--config.max_steps=8', '--config.log_every_steps=4']
+  stopped = Launch('sigint', workdir, base['data'], 2, 2, base['cache'], args,
+                   prelude=SIGNAL_ONE_PROCESS.format(at=8 + 2, signal='SIGINT'))
+  deadline = time.time() + DEADLINE_S
+  while None in stopped.codes() and time.time() < deadline:
+    time.sleep(0.2)
+  if None in stopped.codes():
+    stopped.kill()
+    raise AssertionError('the group did not stop:\n' + stopped.tails())
+  assert stopped.codes() == [130, 130], stopped.tails()
+  message = 'error: interrupted at step 4; rerun the same command to resume from step 4 '
+  assert stopped.log(1).strip().splitlines()[-1] == message + '(student stage, SIGINT)'
+  assert stopped.log(0).strip().splitlines()[-1] == message + (
+      '(student stage, SIGINT, process group)')
+  assert '4' in os.listdir(os.path.join(workdir, 'checkpoints', 'student'))
