@@ -201,6 +201,18 @@ def wait(launches, deadline_s=DEADLINE_S, until=None):
     raise
 
 
+def wait_stopped(launch, deadline_s=DEADLINE_S):
+  """Until every process of `launch` exited, whatever the code (a signalled run); a group still
+  running at the deadline (one process waiting for another) is killed and fails the test."""
+  t_end = time.time() + deadline_s
+  while None in launch.codes() and time.time() < t_end:
+    time.sleep(0.2)
+  if None in launch.codes():
+    launch.kill()
+    raise AssertionError(f'{launch.name}: the group did not stop (a process waits for the other) '
+                         f'within {deadline_s} s:\n{launch.tails()}')
+
+
 # ----------------------------------------------------------------------------- reading results
 def load_params(path):
   """Exported parameters (orbax, written by any number of processes) as numpy arrays."""
@@ -363,13 +375,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(base):
   args = NO_FIGURES + ['--config.max_steps=8']  # teacher 8 steps, student 8 steps (one epoch)
   stopped = Launch('sigterm', workdir, base['data'], 2, 2, base['cache'], args,
                    prelude=SIGNAL_ONE_PROCESS.format(at=8 + 2, signal='SIGTERM'))
-  deadline = time.time() + DEADLINE_S
-  while None in stopped.codes() and time.time() < deadline:
-    time.sleep(0.2)
-  if None in stopped.codes():
-    stopped.kill()
-    raise AssertionError('the group did not stop (a process waits for the other):\n'
-                         + stopped.tails())
+  wait_stopped(stopped)
   assert stopped.codes() == [143, 143], stopped.tails()
   last = [stopped.log(i).strip().splitlines()[-1] for i in (0, 1)]
   assert last[0] == last[1], last
@@ -395,12 +401,7 @@ def test_ctrl_c_in_one_process_stops_both_at_the_next_log_step(base):
   args = NO_FIGURES + ['--config.max_steps=8', '--config.log_every_steps=4']
   stopped = Launch('sigint', workdir, base['data'], 2, 2, base['cache'], args,
                    prelude=SIGNAL_ONE_PROCESS.format(at=8 + 2, signal='SIGINT'))
-  deadline = time.time() + DEADLINE_S
-  while None in stopped.codes() and time.time() < deadline:
-    time.sleep(0.2)
-  if None in stopped.codes():
-    stopped.kill()
-    raise AssertionError('the group did not stop:\n' + stopped.tails())
+  wait_stopped(stopped)
   assert stopped.codes() == [130, 130], stopped.tails()
   message = 'error: interrupted at step 4; rerun the same command to resume from step 4 '
   assert stopped.log(1).strip().splitlines()[-1] == message + '(student stage, SIGINT)'
