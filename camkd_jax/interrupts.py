@@ -39,6 +39,7 @@ class _State:
   stage = ''                    # the stage whose loop ran last
   step = 0                      # its last finished step
   saved: Optional[int] = None   # its latest checkpointed step
+  in_hook = False               # inside _unraisable
 
 
 _state = _State()
@@ -63,19 +64,33 @@ def resume_message(signum: int, by_peer: bool = False) -> str:
 def _handler(signum, frame):  # pylint: disable=unused-argument
   again = _state.signum is not None
   _state.signum = signum
+  if _state.in_hook:
+    # The resent signal arrived while _unraisable itself still runs (a loaded machine: starting
+    # the helper thread took longer than its delay). Raising here would be lost as well.
+    _resend(signum)
+    return
   if not _state.deferring or again:
     # Raised from wherever the main thread is; if that is a callback whose exceptions Python
     # only prints, _unraisable raises it again.
     raise errors.Interrupted(resume_message(signum), signum)
 
 
+def _resend(signum: int):
+  """The same signal to the main thread again, from a helper thread, a moment later."""
+  threading.Timer(RESEND_DELAY_S, signal.pthread_kill,
+                  (threading.main_thread().ident, signum)).start()
+
+
 def _unraisable(info):
   """An Interrupted raised where Python can only print it (a garbage-collection callback, a
   __del__) is raised again in the main thread's own code instead of being printed and lost."""
   if isinstance(info.exc_value, errors.Interrupted):
-    # The same signal again, from a helper thread, once this hook has returned.
-    threading.Timer(RESEND_DELAY_S, signal.pthread_kill,
-                    (threading.main_thread().ident, info.exc_value.signum)).start()
+    # Sent again once this hook has returned; until then the handler only re-arms it.
+    _state.in_hook = True
+    try:
+      _resend(info.exc_value.signum)
+    finally:
+      _state.in_hook = False
     return
   _previous_hook(info)
 
@@ -97,6 +112,7 @@ def install():
 
 def reset():
   _state.signum, _state.deferring, _state.stage, _state.step, _state.saved = None, 0, '', 0, None
+  _state.in_hook = False
 
 
 @contextlib.contextmanager
