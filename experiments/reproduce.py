@@ -509,17 +509,20 @@ def plot(table, mags, methods, path):
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(6.4, 4.2))
   xs = sorted(mags)
-  for method in methods:
+  for i, method in enumerate(methods):
     pts = [(m, table[(method, m)]['test']['kappa']) for m in xs if (method, m) in table]
     if not pts:
       continue
-    x = [p[0] for p in pts]
+    # Methods side by side around each magnification, so that error bars do not hide each other.
+    dodge = 2.0 ** (0.06 * (i - (len(methods) - 1) / 2))
+    x = [p[0] * dodge for p in pts]
     y = np.array([p[1][0] for p in pts])
     e = np.array([p[1][1] for p in pts])
     ax.errorbar(x, y, yerr=e, marker='o', capsize=3, label=METHOD_LABELS[method])
   t = table[('teacher', None)]['test']['kappa']
   ax.axhline(t[0], color='k', ls='--', label=f'teacher 10x ({t[0]:.3f})')
   ax.set_xscale('log', base=2)
+  ax.set_xlim(min(xs) / 1.4, max(xs) * 1.4)
   ax.set_xticks(xs)
   ax.set_xticklabels([f'{m:g}x' for m in xs])
   ax.set_xlabel('student magnification')
