@@ -468,7 +468,8 @@ def aggregate(results):
 
 
 def markdown(table, args, wall, mags, methods):
-  pm = lambda x: reporting.mean_std_cell(x[0], x[1], 3)
+  # One seed has no spread: its value alone (a '± 0.000' would claim one).
+  pm = lambda x: reporting.mean_std_cell(x[0], x[1], 3) if x[2] > 1 else f'{x[0]:.3f}'
   cells = lambda r: [pm(r[split][m]) for split in SPLITS for m in METRICS] + [
       str(r['val']['kappa'][2])]
   rows = []
