@@ -159,7 +159,6 @@ def main_process_first(fn: Callable[[], T]) -> T:
   return fn()
 
 
-
 class _Preemption:
   calls = 0  # training steps so far in this process: the step id of JAX's preemption sync
 

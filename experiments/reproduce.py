@@ -352,12 +352,13 @@ def sweep(args):
   # A cell is done when its workdir or the store holds its metrics. A teacher is also trained
   # when it is only in the store but one of its students still has to be trained (they need its
   # checkpoint). Every worker computes the same plan.
-  done = [finished(wd, key) or stored(args, wd, key) for wd, key in dirs]
+  local = [finished(wd, key) for wd, key in dirs]  # metrics.json in the workdir (or None)
+  done = [out or stored(args, wd, key) for out, (wd, key) in zip(local, dirs)]
   students_left = {seed for (method, _, seed), out in zip(todo, done)
                    if method != 'teacher' and out is None}
-  train = [out is None or (method == 'teacher' and seed in students_left
-                           and finished(dirs[i][0], 'teacher') is None)
+  train = [out is None or (method == 'teacher' and seed in students_left and local[i] is None)
            for i, ((method, _, seed), out) in enumerate(zip(todo, done))]
+  teacher_index = {seed: todo.index(('teacher', None, seed)) for seed in seeds}
   # ETA over this worker's cells to train only (finished ones cost nothing).
   pending = sum(1 for i in range(len(todo)) if i % n == k and train[i])
   results, t0, done_here = {}, time.time(), 0
@@ -374,11 +375,13 @@ def sweep(args):
       if method == 'teacher':
         config = teacher_config(args, seed)
       else:
-        teacher_wd = dirs[todo.index(('teacher', None, seed))][0]
+        t = teacher_index[seed]
+        teacher_wd = dirs[t][0]
         wait_for_teacher(teacher_wd, args.teacher_wait_s)
+        local[t] = finished(teacher_wd, 'teacher')  # perhaps trained by another worker meanwhile
         config = method_config(method, config_arg(args, mag), seed, args.set)
         config.teacher.checkpoint = os.path.join(teacher_wd, 'teacher')
-      new = run_cell(config, wd)
+      new = local[i] = run_cell(config, wd)
       done_here += 1
       if out is not None and kappas(out[key]) != kappas(new[key]):
         print(f'  note: retrained {method} seed={seed} differs from its stored record: '
@@ -387,12 +390,11 @@ def sweep(args):
       out = out or new
     if out is None:
       continue
-    if args.store and finished(wd, key) is not None:
+    if args.store and local[i] is not None:
       extra = {}
-      if method != 'teacher':  # the teacher this student was distilled from (its workdir's)
-        teacher = finished(dirs[todo.index(('teacher', None, seed))][0], 'teacher')
-        if teacher is not None:
-          extra['teacher_kappa'] = kappas(teacher['teacher'])
+      teacher = local[teacher_index[seed]]
+      if method != 'teacher' and teacher is not None:  # the teacher it was distilled from
+        extra['teacher_kappa'] = kappas(teacher['teacher'])
       record_cell(args, wd, (method, mag, seed), out, extra)
     results[(method, mag, seed)] = out
   return results, time.time() - t0
