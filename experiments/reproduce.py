@@ -25,10 +25,14 @@ gone, and the report is built from the records. A seed's teacher is retrained (i
 needed) only when one of its students is still missing; its new metrics are compared with the
 record. The store refuses records of a sweep with other settings (protocol, dataset, --set, smoke).
 
-`--workers=N` runs the grid in N processes, worker k taking every N-th cell and pinned to CPU core
-k (on a 2-core CPU two single-threaded workers finish the grid sooner than one process using both
-cores: the per-cell start-up, evaluation and checkpointing are mostly single-threaded). A student
-cell waits until its seed's teacher is finished. On a GPU keep the default, one process.
+`--workers=N` runs the grid in N processes, worker k pinned to CPU core k (on a 2-core CPU two
+single-threaded workers finish the grid sooner than one process using both cores: the per-cell
+start-up, evaluation and checkpointing are mostly single-threaded). The workers share one work
+queue: each takes the first cell still to train that no other worker has claimed (a claim is a file
+in WORKDIR/.claims made with O_EXCL) and that can start now, a student only once its seed's teacher
+is finished. No worker idles while a cell is free, also when a resumed sweep has its remaining
+cells bunched in one part of the grid. The parent clears stale claims before it starts the
+workers. On a GPU keep the default, one process.
 """
 import argparse
 import importlib
@@ -359,15 +363,28 @@ def sweep(args):
   train = [out is None or (method == 'teacher' and seed in students_left and local[i] is None)
            for i, ((method, _, seed), out) in enumerate(zip(todo, done))]
   teacher_index = {seed: todo.index(('teacher', None, seed)) for seed in seeds}
-  # ETA over this worker's cells to train only (finished ones cost nothing).
-  pending = sum(1 for i in range(len(todo)) if i % n == k and train[i])
-  results, t0, done_here = {}, time.time(), 0
-  for i, (method, mag, seed) in enumerate(todo):
-    wd, key = dirs[i]
-    out = done[i]
-    if train[i] and not args.report_only and i % n == k:
+
+  def record(i):
+    if args.store and local[i] is not None:
+      method, _, seed = todo[i]
+      extra = {}
+      teacher = local[teacher_index[seed]]
+      if method != 'teacher' and teacher is not None:  # the teacher it was distilled from
+        extra['teacher_kappa'] = kappas(teacher['teacher'])
+      record_cell(args, dirs[i][0], todo[i], done[i], extra)
+
+  t0 = time.time()
+  if not args.report_only:
+    # One process trains every cell left in grid order; a worker those it claims from the queue.
+    to_train = [i for i in range(len(todo)) if train[i]]
+    queue = iter(to_train) if n == 1 else claimed_cells(args, todo, to_train, dirs, teacher_index)
+    pending = len(to_train) if n == 1 else -(-len(to_train) // n)  # for the ETA: a fair share
+    for done_here, i in enumerate(queue):
+      method, mag, seed = todo[i]
+      wd, key = dirs[i]
+      out = done[i]
       elapsed = time.time() - t0
-      remaining = pending - done_here
+      remaining = max(pending - done_here, 1)
       eta = elapsed / done_here * remaining if done_here else float('nan')
       again = ' (again: its students need the checkpoint)' if out is not None else ''
       print(f'[{tag} {i + 1}/{len(todo)}] {method} m={mag} seed={seed} -> {wd}{again} '
@@ -382,22 +399,71 @@ def sweep(args):
         config = method_config(method, config_arg(args, mag), seed, args.set)
         config.teacher.checkpoint = os.path.join(teacher_wd, 'teacher')
       new = local[i] = run_cell(config, wd)
-      done_here += 1
       if out is not None and kappas(out[key]) != kappas(new[key]):
         print(f'  note: retrained {method} seed={seed} differs from its stored record: '
               f'{kappas(new[key])} now, {kappas(out[key])} recorded (the record is kept; its '
               'students trained now use the new checkpoint and record its kappa)', flush=True)
-      out = out or new
-    if out is None:
-      continue
-    if args.store and local[i] is not None:
-      extra = {}
-      teacher = local[teacher_index[seed]]
-      if method != 'teacher' and teacher is not None:  # the teacher it was distilled from
-        extra['teacher_kappa'] = kappas(teacher['teacher'])
-      record_cell(args, wd, (method, mag, seed), out, extra)
-    results[(method, mag, seed)] = out
+      done[i] = out or new
+      record(i)  # at once: a later failure must not lose it
+  results = {}
+  for i, cell in enumerate(todo):
+    if done[i] is not None:
+      record(i)
+      results[cell] = done[i]
   return results, time.time() - t0
+
+
+CLAIMS = '.claims'
+
+
+def claim(args, workdir):
+  """True if this process is the first to claim the cell in `workdir` (an O_EXCL file)."""
+  path = os.path.join(args.workdir, CLAIMS, os.path.basename(os.path.normpath(workdir)))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  try:
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+  except FileExistsError:
+    return False
+  return True
+
+
+def next_cell(args, todo, left, dirs, teacher_index):
+  """The index of the first cell in `left` that can start now and that this process claims.
+
+  A student can start once its seed's teacher is finished (its metrics.json exists); a teacher at
+  once. Cells another worker claimed are dropped from `left`; so is the one returned. None: every
+  cell left waits for a teacher that another worker is training.
+  """
+  for i in list(left):
+    method, _, seed = todo[i]
+    if method != 'teacher' and finished(dirs[teacher_index[seed]][0], 'teacher') is None:
+      continue
+    left.remove(i)
+    if claim(args, dirs[i][0]):
+      return i
+  return None
+
+
+def claimed_cells(args, todo, to_train, dirs, teacher_index, poll_s=5.0):
+  """Yields the cells this worker trains, taken from the queue shared with the other workers."""
+  left = list(to_train)
+  waited = 0.0
+  while left:
+    i = next_cell(args, todo, left, dirs, teacher_index)
+    if i is not None:
+      waited = 0.0
+      yield i
+      continue
+    if not left:
+      break
+    if not waited:
+      print(f'  waiting for a teacher: {len(left)} cell(s) left, none free', flush=True)
+    if waited > args.teacher_wait_s:
+      raise SystemExit(f'cells {[dirs[i][0] for i in left]} still wait for their teachers after '
+                       f'{args.teacher_wait_s:.0f} s; is the worker training them alive? Rerun '
+                       'the same command to resume.')
+    time.sleep(poll_s)
+    waited += poll_s
 
 
 def worker_share(spec):
@@ -436,6 +502,8 @@ def run_workers(args, argv):
   # final rename.
   from camkd_jax import datasets  # pylint: disable=g-import-not-at-top
   datasets.get_source(teacher_config(args, 0))
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(os.path.join(args.workdir, CLAIMS), ignore_errors=True)  # from a killed sweep
   procs = []
   for k in range(args.workers):
     def pin(core=cores[k % len(cores)] if cores else None):

@@ -103,27 +103,69 @@ def test_reproduce_tiny_grid_writes_results_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_reproduce_two_workers_split_the_grid(tmp_path):
-  """--workers=2: each cell runs once, in the worker that owns it; a student waits for its teacher."""
+def test_reproduce_two_workers_share_the_queue(tmp_path):
+  """--workers=2: each cell runs once, in whichever worker claimed it; students after the teacher."""
   out = tmp_path / 'RESULTS.md'
   env = study_env(tmp_path)
+  stale = tmp_path / 'runs' / '.claims' / 'ce_m5_s22'  # left by a killed sweep: must not block
+  stale.parent.mkdir(parents=True)
+  stale.write_text('')
   cmd = [sys.executable, 'experiments/reproduce.py', '--magnifications=2.5,5', '--methods=ce',
          '--seeds=22', '--smoke', '--workers=2', f'--workdir={tmp_path / "runs"}', f'--out={out}',
          '--set=data.data_dir=' + str(tmp_path / 'tfds')]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  # Cells in order teacher, ce@2.5, ce@5: worker 0 owns cells 1 and 3, worker 1 cell 2.
   starts = [l for l in proc.stdout.splitlines() if l.startswith('[study')]
-  assert sorted(starts) == sorted([
-      f'[study w0 1/3] teacher m=None seed=22 -> {tmp_path / "runs" / "teacher_s22"} (ETA ?)',
-      f'[study w1 2/3] ce m=2.5 seed=22 -> {tmp_path / "runs" / "ce_m2.5_s22"} (ETA ?)',
-      starts[-1] if starts[-1].startswith('[study w0 3/3] ce m=5.0') else 'missing w0 3/3'])
+  cells = [l.split('] ')[1].split(' ->')[0] for l in starts]
+  assert sorted(cells) == ['ce m=2.5 seed=22', 'ce m=5.0 seed=22', 'teacher m=None seed=22'], starts
+  assert all(l.startswith(('[study w0 ', '[study w1 ')) for l in starts), starts
+  assert cells[0] == 'teacher m=None seed=22', starts  # the students waited for it
   table = json.loads((tmp_path / 'RESULTS.json').read_text())
   assert set(table) == {'teacher|None', 'ce|2.5', 'ce|5.0'}
   for cell, factor in (('ce_m2.5_s22', 4), ('ce_m5_s22', 2)):
     metrics = json.loads((tmp_path / 'runs' / cell / 'metrics.json').read_text())
     assert metrics['student']['factor'] == factor
   assert '| CE only | 5x |' in out.read_text()
+
+
+def test_work_queue_claims_each_cell_once_and_students_wait_for_their_teacher(tmp_path):
+  """Two workers' views of one queue, interleaved by hand (no training): the claim files decide."""
+  r = _reproduce_module()
+  args = r.parse_args([f'--workdir={tmp_path}', '--seeds=22,32'])
+  todo = [('teacher', None, 22), ('teacher', None, 32), ('ce', 2.5, 22), ('kd', 2.5, 22),
+          ('ce', 2.5, 32)]
+  dirs = [(str(tmp_path / f'{m}_{s}'), 'teacher' if m == 'teacher' else 'student')
+          for m, _, s in todo]
+  teacher_index = {22: 0, 32: 1}
+  a, b = list(range(5)), list(range(5))  # the cells each worker still considers
+  assert r.next_cell(args, todo, a, dirs, teacher_index) == 0  # A: teacher 22
+  assert r.next_cell(args, todo, b, dirs, teacher_index) == 1  # B: 22 is claimed -> teacher 32
+  assert b == [2, 3, 4]
+  # Students wait: neither teacher has finished, so nothing can start (and nothing is dropped).
+  assert r.next_cell(args, todo, a, dirs, teacher_index) is None and a == [2, 3, 4]
+  # Teacher 32 finishes first: A (idle) takes its student although seed 22's come first in order.
+  os.makedirs(dirs[1][0])
+  with open(os.path.join(dirs[1][0], 'metrics.json'), 'w') as f:
+    json.dump({'teacher': {}}, f)
+  assert r.next_cell(args, todo, a, dirs, teacher_index) == 4 and a == [2, 3]
+  os.makedirs(dirs[0][0])
+  with open(os.path.join(dirs[0][0], 'metrics.json'), 'w') as f:
+    json.dump({'teacher': {}}, f)
+  assert r.next_cell(args, todo, b, dirs, teacher_index) == 2  # B
+  assert r.next_cell(args, todo, a, dirs, teacher_index) == 3  # A: 2 is B's
+  assert r.next_cell(args, todo, b, dirs, teacher_index) is None and b == []  # all claimed
+  assert sorted(os.listdir(tmp_path / '.claims')) == sorted(
+      os.path.basename(d) for d, _ in dirs)
+
+
+def test_claimed_cells_gives_up_when_a_teacher_never_finishes(tmp_path):
+  r = _reproduce_module()
+  args = r.parse_args([f'--workdir={tmp_path}', '--seeds=22', '--teacher_wait_s=0.02'])
+  todo = [('teacher', None, 22), ('ce', 2.5, 22)]
+  dirs = [(str(tmp_path / 'teacher_s22'), 'teacher'), (str(tmp_path / 'ce_m2.5_s22'), 'student')]
+  assert r.claim(args, dirs[0][0])  # another worker holds the teacher and never finishes it
+  with pytest.raises(SystemExit, match=r'still wait for their teachers after 0 s.*Rerun'):
+    list(r.claimed_cells(args, todo, [0, 1], dirs, {22: 0}, poll_s=0.01))
 
 
 def _reproduce_module():
