@@ -21,6 +21,7 @@ import json
 import os
 from typing import Dict, List, Optional, Sequence
 
+from absl import logging
 import numpy as np
 
 from camkd_jax import errors
@@ -223,6 +224,52 @@ class CohortTable:
 def read_cohort(path: str) -> List[Dict[str, str]]:
   with open(path, newline='') as f:
     return list(csv.DictReader(f))
+
+
+def cohort_path(out_dir, process_index=0, process_count=1) -> str:
+  """OUT/slides.csv (slides_p<i>.csv per process under jax.distributed, merged at the end)."""
+  name = 'slides.csv' if process_count == 1 else f'slides_p{process_index}.csv'
+  return os.path.join(out_dir, name)
+
+
+def finish_cohort(out_dir: str, process_count: int, labels_path: Optional[str]):
+  """Merges the processes' slides_p<i>.csv into slides.csv and, with labels, writes
+  OUT/slide_metrics.json and logs the slide-level metrics (process 0, after every process)."""
+  from camkd_jax import gleason  # pylint: disable=g-import-not-at-top
+  from camkd_jax import slide_labels  # pylint: disable=g-import-not-at-top
+  path = cohort_path(out_dir)
+  if process_count > 1:
+    table = CohortTable(path)
+    for i in range(process_count):
+      part = cohort_path(out_dir, i, process_count)
+      for row in read_cohort(part) if os.path.isfile(part) else []:
+        table.rows[row['slide']] = row
+    table.write()
+  rows = read_cohort(path) if os.path.isfile(path) else []
+  logging.info('cohort table: %s (%d slides)', path, len(rows))
+  if not labels_path:
+    return None
+  labels = slide_labels.read_labels(labels_path)
+  ours = {r['slide']: (int(r['primary']), int(r['secondary'])) for r in rows
+          if r['status'] == 'ok' and r['primary'] != ''}
+  lines = slide_labels.mismatch_lines(labels, ours, labels_path)
+  for line in lines:
+    logging.warning('%s', line)
+  m = slide_labels.slide_metrics(labels, ours)
+  common = sorted(set(labels) & set(ours))
+  write_json(os.path.join(out_dir, 'slide_metrics.json'), {
+      'labels': os.path.abspath(labels_path), 'metrics': m, 'notes': lines,
+      'slides': [{'slide': s, 'label': '+'.join(map(str, labels[s])),
+                  'ours': '+'.join(map(str, ours[s])),
+                  'label_grade_group': gleason.grade_group(*labels[s]),
+                  'grade_group': gleason.grade_group(*ours[s])} for s in common]})
+  if m is None:
+    logging.warning('no graded slide of this run is in %s: nothing to compare (slide ids are '
+                    'the slide file names without their extension)', labels_path)
+  else:
+    logging.info('%s; in %s', slide_labels.format_metrics(m),
+                 os.path.join(out_dir, 'slide_metrics.json'))
+  return m
 
 
 # ----------------------------------------------------------------------------- pictures
