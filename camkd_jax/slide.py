@@ -376,7 +376,7 @@ def run_slides(workdir, which, paths, out_dir, options: Options, process_index=0
   mine = my_slides(list(range(len(paths))), process_index, process_count)
   os.makedirs(out_dir, exist_ok=True)
   cohort = slide_outputs.CohortTable(
-      slide_outputs.cohort_path(out_dir, process_index, process_count))
+      slide_outputs.cohort_path(out_dir, process_index, process_count), [names[i] for i in mine])
   done = [i for i in mine if not options.overwrite and cohort.done(names[i], out_dir)]
   todo = [i for i in mine if i not in done]
   if done:

@@ -193,11 +193,13 @@ def cohort_row(name, path, status, error='', summary=None) -> Dict[str, str]:
 
 
 class CohortTable:
-  """OUT/slides.csv: rows keyed by slide name, kept in order of first appearance; every update
-  rewrites the file atomically, so an interrupted cohort keeps the rows of its finished slides."""
+  """OUT/slides.csv: rows keyed by slide name, in the order of `order` (the command line's), then
+  the rows of earlier runs; every update rewrites the file atomically, so an interrupted cohort
+  keeps the rows of its finished slides."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, order: Sequence[str] = ()):
     self.path = path
+    self.order = {n: i for i, n in enumerate(order)}
     self.rows: Dict[str, Dict[str, str]] = {}
     if os.path.isfile(path):
       self.rows = {r['slide']: r for r in read_cohort(path)}
@@ -216,7 +218,8 @@ class CohortTable:
     buf = io.StringIO()
     w = csv.DictWriter(buf, COHORT_COLUMNS, extrasaction='ignore', restval='')
     w.writeheader()
-    w.writerows(self.rows.values())
+    keys = sorted(self.rows, key=lambda n: self.order.get(n, len(self.order)))  # stable
+    w.writerows(self.rows[k] for k in keys)
     with errors.disk_writes(self.path, 'the cohort table'):
       errors.atomic_write(self.path, lambda f: f.write(buf.getvalue()))
 
