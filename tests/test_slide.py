@@ -290,6 +290,13 @@ def test_cli_bad_files_are_named_and_the_others_finish(slides, random_run, tmp_p
     assert len(_predictions(str(out), name)) == 168
   assert not (out / 'corrupt' / 'tiles.csv').exists()
   assert 'slides 5/5' in proc.stderr
+  cohort = list(csv.DictReader(open(out / 'slides.csv')))  # the command line's order
+  assert [(r['slide'], r['status']) for r in cohort] == [
+      ('s10', 'ok'), ('notes', 'failed'), ('nometa', 'failed'), ('corrupt', 'failed'),
+      ('s20', 'ok')]
+  for name in ('s10', 's20'):  # the grade in the command's output
+    score = json.load(open(out / name / 'summary.json'))['gleason']['score']
+    assert f'{name}: Gleason {score}, grade group' in proc.stderr
 
 
 def test_cli_on_a_run_that_is_not_finished(tmp_path, slides):
@@ -338,6 +345,10 @@ def test_two_processes_share_the_slides(slides, random_run, tmp_path):
   assert (p0['processes'], p1['process']) == (2, 1)
   for name in ('s10', 's20'):
     assert len(_predictions(str(out), name)) == 168
+  # process 0 merged both processes' rows into slides.csv
+  cohort = list(csv.DictReader(open(out / 'slides.csv')))
+  assert sorted((r['slide'], r['status']) for r in cohort) == [
+      ('notes', 'failed'), ('s10', 'ok'), ('s20', 'ok')]
 
 
 # ----------------------------------------------------------------------------- Gleason scoring
