@@ -175,3 +175,14 @@ def test_results_md_gets_a_slide_level_section():
   assert 'student' not in text
   del out['teacher']['val']['slide_level']
   assert reporting.slide_level_markdown(out) == ''
+
+
+def test_an_older_workdir_without_the_slide_level_keys_resumes():
+  import copy  # pylint: disable=g-import-not-at-top
+  from camkd_jax import workdir  # pylint: disable=g-import-not-at-top
+  new = workdir.config_dict(data_config())
+  old = copy.deepcopy(new)
+  del old['slide_level'], old['data']['slide_column']
+  assert workdir.config_differences(old, new) == []
+  new['slide_level']['min_share'] = 0.1
+  assert workdir.config_differences(old, new) == ['slide_level.min_share: 0.05 -> 0.1']
