@@ -34,6 +34,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from camkd_jax import errors
 from camkd_jax import gleason
 from camkd_jax import slide_outputs
 
@@ -431,7 +432,7 @@ def main(argv):
                       geojson_gzip=FLAGS.geojson_gzip)
     results = run_slides(FLAGS.workdir, FLAGS.model, paths, FLAGS.out, options,
                          jax.process_index(), jax.process_count())
-  except (FileNotFoundError, ValueError, ImportError) as e:
+  except (FileNotFoundError, ValueError, ImportError, errors.UserError) as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     return 2
