@@ -60,9 +60,11 @@ def gathered_order(n: int, process_count: int, local_batch: int, num_batches: in
 class SlideLevel:
   """Slide ids of the eval splits (in predict's order), the labels and the scoring rules."""
 
-  def __init__(self, labels, patterns, rules, ids: Dict[str, np.ndarray], source: str):
+  def __init__(self, labels, patterns, rules, ids: Dict[str, np.ndarray], source: str,
+               patch_labels: Optional[Dict[str, np.ndarray]] = None):
     self.labels, self.patterns, self.rules, self.ids = labels, patterns, rules, ids
     self.source = source
+    self.patch_labels = patch_labels or {}  # the split's class labels, in the same order
 
   def grades(self, split: str, preds: np.ndarray) -> Dict[str, tuple]:
     """{slide: (primary, secondary)} from the predicted classes of `split` (predict's order)."""
@@ -82,7 +84,14 @@ class SlideLevel:
       out[str(name)] = (r['primary'], r['secondary'])
     return out
 
-  def evaluate(self, split: str, preds: np.ndarray) -> Optional[Dict]:
+  def evaluate(self, split: str, preds: np.ndarray, labels=None) -> Optional[Dict]:
+    """Slide-level metrics of `split`; `labels`, the patch labels predict gathered with `preds`,
+    check that the patches are in the order of the slide ids (else a warning and None)."""
+    want = self.patch_labels.get(split)
+    if labels is not None and want is not None and not np.array_equal(labels, want):
+      logging.warning('slide level (%s): the gathered patch labels are not in the order of the '
+                      'slide ids; no slide-level metric', split)
+      return None
     ours = self.grades(split, preds)
     m = slide_labels.slide_metrics(self.labels, ours)
     if m is not None:
@@ -107,7 +116,7 @@ def setup(config, data) -> Optional[SlideLevel]:
         f'{list(data.class_names)}; map them with config.slide_level.patterns, e.g. '
         '"benign=benign,low=3,high=4"')
   labels = slide_labels.read_labels(path)
-  ids = {}
+  ids, patch_labels = {}, {}
   for _, split in SPLITS:
     examples = (data._local_eval_examples(split) if data.process_count == 1  # pylint: disable=protected-access
                 else data.source.read(split))
@@ -120,10 +129,11 @@ def setup(config, data) -> Optional[SlideLevel]:
     order = gathered_order(len(split_ids), data.process_count, data.local_eval_batch_size,
                            data.num_eval_batches(split))
     ids[split] = split_ids[order]
+    patch_labels[split] = np.asarray(examples.labels)[order]
   for key, split in SPLITS:
     found = set(ids[split].astype(str))
     for line in slide_labels.mismatch_lines(set(labels) & found, found, path):
       logging.info('slide level (%s): %s', key, line)
     logging.info('slide level (%s): %d slides, %d of them labelled in %s', key, len(found),
                  len(found & set(labels)), path)
-  return SlideLevel(labels, patterns, rules, ids, path)
+  return SlideLevel(labels, patterns, rules, ids, path, patch_labels)

@@ -358,7 +358,7 @@ def evaluate(eval_step, params, data, mesh) -> Dict[str, Dict]:
     labels, preds = predict(eval_step, params, data, split, mesh)
     out[key] = metrics_lib.classification_metrics(labels, preds, data.num_classes)
     if getattr(data, 'slide_level', None) is not None:  # reported, not selected on
-      out[key]['slide_level'] = data.slide_level.evaluate(split, preds)
+      out[key]['slide_level'] = data.slide_level.evaluate(split, preds, labels)
   return out
 
 

@@ -125,8 +125,10 @@ def test_setup_on_a_table_with_a_slide_column(tmp_path):
             for s in ('validation', 'test')}
   assert level.grades('validation', labels['validation']) == {'validation_0': (4, 4),
                                                               'validation_1': (5, 3)}
-  m = level.evaluate('validation', labels['validation'])
+  m = level.evaluate('validation', labels['validation'], labels['validation'])
   assert (m['num_slides'], m['unlabelled_slides'], m['accuracy']) == (1, 1, 0.0)
+  # patches gathered in another order than the slide ids: no metric rather than a wrong one
+  assert level.evaluate('validation', labels['validation'], labels['validation'][::-1]) is None
   # no labels: nothing; a dataset without slides: one clear error
   cfg.slide_level.labels = ''
   assert slide_level.setup(cfg, data) is None
