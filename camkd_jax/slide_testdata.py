@@ -175,6 +175,7 @@ def write_slide(path: str, patch_size: int = 32, classes=((0, 1), (2, 3)), cells
   image, labels = render_content(layout, patch_size, seed)
   level0 = np.repeat(np.repeat(image, s, axis=0), s, axis=1) if s > 1 else image
   mpp = 10.0 / magnification
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   write_pyramid(path, level0, tuple(downsamples), tile, magnification, mpp, metadata)
   PIL.Image.fromarray(labels).save(os.path.splitext(path)[0] + '_labels.png')
   return SlideTruth(labels, layout, patch_size, float(magnification), mpp, tuple(downsamples),
@@ -197,8 +198,11 @@ def main(argv=None):
   p.add_argument('--no_metadata', action='store_true', help='omit AppMag / MPP')
   a = p.parse_args(argv)
   classes = [[(r * a.regions + c) % 4 for c in range(a.regions)] for r in range(a.regions)]
-  layout = (composition_layout(parse_composition(a.composition), seed=a.seed)
-            if a.composition else None)
+  try:
+    layout = (composition_layout(parse_composition(a.composition), seed=a.seed)
+              if a.composition else None)
+  except ValueError as e:
+    p.error(str(e))
   truth = write_slide(a.path, a.patch_size, classes, a.cells, magnification=a.magnification,
                       seed=a.seed, metadata=not a.no_metadata, layout=layout)
   print(f'{a.path}: {truth.labels.shape[1] * int(a.magnification // 10)} x '
