@@ -89,8 +89,7 @@ class Options:
     self.slide_magnification, self.mpp = slide_magnification, mpp
     self.tissue_fraction, self.min_saturation = tissue_fraction, min_saturation
     self.progress_every_s = progress_every_s
-    self.patterns = patterns               # class -> pattern mapping ('' = NC/G3/G4/G5)
-    self.rules = rules or gleason.Rules()  # noise thresholds and area weighting
+    self.patterns, self.rules = patterns, rules or gleason.Rules()  # see camkd_jax/gleason.py
     self.labels, self.overwrite, self.geojson_gzip = labels, overwrite, geojson_gzip
 
 
@@ -292,9 +291,10 @@ class SlideRunner:
     g = summary.get('gleason')
     if g:
       self.results[-1].update(score=g['score'], grade_group=g['grade_group'])
-      logging.info('%s: Gleason %s, grade group %s (tumour %.1f %% of tissue; patterns 3/4/5: '
-                   '%.1f / %.1f / %.1f %% of tumour)', job.name, g['score'],
-                   gleason.GRADE_GROUP_NAMES[g['grade_group']], g['tumour_percent'],
+      grade = (f"Gleason {g['score']}, grade group {g['grade_group']}" if g['grade_group']
+               else 'benign')
+      logging.info('%s: %s (tumour %.1f %% of tissue; patterns 3/4/5: %.1f / %.1f / %.1f %% of '
+                   'tumour)', job.name, grade, g['tumour_percent'],
                    *(g['pattern_percent'][p] for p in '345'))
     if self.cohort is not None:
       self.cohort.update(slide_outputs.cohort_row(job.name, job.plan.path, 'ok', '', summary))

@@ -295,8 +295,10 @@ def test_cli_bad_files_are_named_and_the_others_finish(slides, random_run, tmp_p
       ('s10', 'ok'), ('notes', 'failed'), ('nometa', 'failed'), ('corrupt', 'failed'),
       ('s20', 'ok')]
   for name in ('s10', 's20'):  # the grade in the command's output
-    score = json.load(open(out / name / 'summary.json'))['gleason']['score']
-    assert f'{name}: Gleason {score}, grade group' in proc.stderr
+    g = json.load(open(out / name / 'summary.json'))['gleason']
+    grade = f"Gleason {g['score']}, grade group {g['grade_group']}" if g['grade_group'] else \
+        'benign'
+    assert f'{name}: {grade} (tumour' in proc.stderr
 
 
 def test_cli_on_a_run_that_is_not_finished(tmp_path, slides):
