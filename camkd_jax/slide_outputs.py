@@ -13,7 +13,7 @@ Per cohort, OUT/slides.csv: one row per slide, rewritten atomically as each slid
 
 Tile boxes are integer level-0 pixels on the exact grid: tile (row, col) spans
 [round(col * stride * s0), round((col * stride + tile) * s0)) in x (the same in y), so tiles
-side by side (stride = tile) share their edges exactly and their union is a valid coverage.
+side by side (stride = tile) share their edges exactly: no slivers or gaps between them.
 """
 import csv
 import io
