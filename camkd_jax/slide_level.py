@@ -6,8 +6,9 @@ or SICAPv2's wsi_labels.xlsx found next to images/ in the data directory), every
 `slide_level` to the validation and test metrics: the patch predictions of each slide are turned
 into a Gleason score and ISUP grade group by the rules of camkd_jax/gleason.py (area = predicted
 patches, the config's noise thresholds), and compared with the labels (camkd_jax/slide_labels.py:
-quadratic kappa on the grade group, accuracies, confusion matrix). It is reported only: model
-selection stays on config.selection.metric.
+quadratic kappa on the grade group, accuracies, confusion matrix). It is reported only, unless
+config.selection.metric = 'slide_kappa' asks to select the checkpoint on the validation slides'
+grade-group kappa.
 """
 import os
 from typing import Dict, Optional
@@ -20,6 +21,24 @@ from camkd_jax import gleason
 from camkd_jax import slide_labels
 
 SPLITS = (('val', 'validation'), ('test', 'test'))
+SELECTION_METRIC = 'slide_kappa'
+
+
+def selection_value(val_metrics: Dict, metric: str) -> float:
+  """The validation value that model selection compares (NaN when a slide kappa is undefined)."""
+  if metric != SELECTION_METRIC:
+    return val_metrics[metric]
+  m = val_metrics.get('slide_level')
+  return float('nan') if m is None else float(m['kappa'])
+
+
+def check_selection(config, level: Optional['SlideLevel']):
+  """config.selection.metric='slide_kappa' needs slide-level labels for the run's patches."""
+  if config.selection.metric == SELECTION_METRIC and level is None:
+    raise errors.ConfigError(
+        f"config.selection.metric='{SELECTION_METRIC}' selects on the validation slides' "
+        'grade-group kappa, but this run has no slide-level labels: set '
+        'config.slide_level.labels (or use SICAPv2 with its wsi_labels.xlsx), or select on kappa')
 
 
 def labels_path(config) -> str:

@@ -188,3 +188,19 @@ def test_an_older_workdir_without_the_slide_level_keys_resumes():
   assert workdir.config_differences(old, new) == []
   new['slide_level']['min_share'] = 0.1
   assert workdir.config_differences(old, new) == ['slide_level.min_share: 0.05 -> 0.1']
+
+
+def test_selection_on_the_slide_kappa_only_when_asked():
+  val = {'kappa': 0.7, 'slide_level': {'kappa': 0.9}}
+  assert slide_level.selection_value(val, 'kappa') == 0.7
+  assert slide_level.selection_value(val, 'slide_kappa') == 0.9
+  assert np.isnan(slide_level.selection_value({'kappa': 0.7, 'slide_level': None}, 'slide_kappa'))
+  cfg = data_config()
+  slide_level.check_selection(cfg, None)  # selecting on kappa: no labels needed
+  cfg.selection.metric = 'slide_kappa'
+  from camkd_jax import errors  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.ConfigError, match="selection.metric='slide_kappa'.*no slide-level"):
+    slide_level.check_selection(cfg, None)
+  slide_level.check_selection(cfg, _level({}, {}))
+  from camkd_jax import train  # pylint: disable=g-import-not-at-top
+  assert 'slide_kappa' in train.SELECTION_METRICS
