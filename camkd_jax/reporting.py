@@ -206,7 +206,8 @@ def slide_level_markdown(out: Dict[str, Any]) -> str:
     return ''
   return ('\n## Slide level\n\nThe ISUP grade group of each slide from the selected checkpoint\'s '
           'patch predictions (camkd_jax/gleason.py rules) against the slide labels: quadratic '
-          'kappa and accuracy over the labelled slides (reported, not used for selection).\n\n'
+          'kappa and accuracy over the labelled slides (selection is on config.selection.metric: '
+          'the patch-level kappa unless it is slide_kappa).\n\n'
           + markdown_table(rows, SLIDE_HEADER))
 
 
