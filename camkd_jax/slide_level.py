@@ -137,8 +137,9 @@ def setup(config, data) -> Optional[SlideLevel]:
   labels = slide_labels.read_labels(path)
   ids, patch_labels = {}, {}
   for _, split in SPLITS:
-    examples = (data._local_eval_examples(split) if data.process_count == 1  # pylint: disable=protected-access
-                else data.source.read(split))
+    # one process holds the whole split already; several read it (names and labels) once here
+    whole = data._local_eval_examples  # pylint: disable=protected-access
+    examples = whole(split) if data.process_count == 1 else data.source.read(split)
     split_ids = split_slide_ids(examples, data.name)
     if split_ids is None:
       raise errors.ConfigError(
