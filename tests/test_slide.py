@@ -474,3 +474,29 @@ def test_cohort_rerun_skips_done_slides_and_overwrite_redoes_them(slides, random
   redo = slide_cli.run_slides(random_run, 'teacher', paths, str(out), opt)
   assert [r.get('skipped') for r in redo] == [None, None]
   assert os.path.getmtime(out / 's10' / 'summary.json') > stamp
+
+
+def test_an_interrupted_cohort_keeps_its_rows_and_the_rerun_finishes_it(slides, random_run,
+                                                                        tmp_path, monkeypatch):
+  """Ctrl-C while the second slide's outputs are written: slides.csv holds the first slide's
+  row; the same command again skips it and does the second."""
+  from camkd_jax import slide_outputs  # pylint: disable=g-import-not-at-top
+  _, s = slides
+  paths, out = [s['s10'].path, s['s20'].path], tmp_path / 'out'
+  real = slide_outputs.write_slide
+
+  def interrupted(directory, *args, **kwargs):
+    if directory.endswith('s20'):
+      raise KeyboardInterrupt
+    return real(directory, *args, **kwargs)
+  monkeypatch.setattr(slide_outputs, 'write_slide', interrupted)
+  opt = slide_cli.Options(batch_size=16, readers=1)
+  with pytest.raises(KeyboardInterrupt):
+    slide_cli.run_slides(random_run, 'teacher', paths, str(out), opt)
+  rows = list(csv.DictReader(open(out / 'slides.csv')))
+  assert [(r['slide'], r['status']) for r in rows] == [('s10', 'ok')]
+  monkeypatch.setattr(slide_outputs, 'write_slide', real)
+  again = slide_cli.run_slides(random_run, 'teacher', paths, str(out), opt)
+  assert [(r['name'], r.get('skipped')) for r in again] == [('s10', True), ('s20', None)]
+  rows = list(csv.DictReader(open(out / 'slides.csv')))
+  assert [(r['slide'], r['status']) for r in rows] == [('s10', 'ok'), ('s20', 'ok')]
