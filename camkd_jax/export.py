@@ -482,9 +482,11 @@ def define_flags():
 def main(argv):
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   fl = flags.FLAGS
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's restore lines are not news here
   try:
     result = export(fl.workdir, fl.out, fl.model, fl.format, fl.overwrite, fl.onnx_input)
   except (errors.UserError, FileNotFoundError, ValueError) as e:
