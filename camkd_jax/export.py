@@ -52,6 +52,7 @@ CARD_FILE = 'model_card.md'
 ONNX_OPSET = 17
 PARITY_ATOL = 1e-4
 PARITY_TILES = 8
+PIL_BOX = 4                                 # PIL.Image.BOX, torchvision's InterpolationMode.BOX
 BASE_MPP = 1.0                              # um/px at 10x (the convention of camkd_jax.wsi)
 INSTALL = {'onnx': 'pip install -e ".[onnx]"', 'wsinfer': 'pip install -e ".[export]"'}
 
@@ -66,7 +67,7 @@ class ExportError(errors.UserError, ValueError):
 
 def _require(fmt: str):
   """Imports what `fmt` needs, or one line naming the extra to install."""
-  need = {'onnx': ('onnx', 'onnxruntime'), 'wsinfer': ('onnx', 'onnxruntime', 'torch')}[fmt]
+  need = {'onnx': ('onnx', 'onnxruntime'), 'wsinfer': ('torch',)}[fmt]
   missing = []
   for name in need:
     try:
@@ -259,7 +260,10 @@ def wsinfer_config(run_model) -> Dict[str, Any]:
       'patch_size_pixels': t,
       'spacing_um_px': model_mpp(run_model),
       'transform': [
-          {'name': 'Resize', 'arguments': {'size': t}},
+          # PIL's BOX filter (torchvision takes PIL's 4): the area average the student's view
+          # pools with; WSInfer reads level 0 and resizes, and its default, bilinear, is not
+          # what the model saw. QuPath's extension reads only `size`.
+          {'name': 'Resize', 'arguments': {'size': t, 'interpolation': PIL_BOX}},
           {'name': 'ToTensor'},
           {'name': 'Normalize', 'arguments': {'mean': list(mean), 'std': list(std)}},
       ],
@@ -387,10 +391,12 @@ def model_card(run_model, which: str, workdir: str, files: List[str],
   if TORCHSCRIPT_FILE in files:
     lines.append(f'- `{WSINFER_CONFIG}` + `{TORCHSCRIPT_FILE}`: a WSInfer model (`wsinfer run '
                  f'--model-path {TORCHSCRIPT_FILE} --config {WSINFER_CONFIG}`, or QuPath\'s WSInfer '
-                 'extension as a local model). The config\'s Resize / ToTensor / Normalize do '
-                 'steps 1 and the standardisation; the TorchScript module takes (N, 3, t, t) and '
-                 + ('upsamples inside; ' if upsampled(rm) else '') + 'returns logits (WSInfer '
-                 'applies the softmax).')
+                 'extension as a local model). The config\'s Resize brings what WSInfer reads to '
+                 f'{t} px with PIL\'s box filter (area average), ToTensor is step 1, Normalize '
+                 'the standardisation; the TorchScript module takes (N, 3, '
+                 f'{t}, {t}), ' + ('upsamples inside (after Normalize: the same, the '
+                                   'bilinear weights sum to 1), ' if upsampled(rm) else '') +
+                 'and returns logits (WSInfer and QuPath apply the softmax).')
   lines += ['', '## Parity when written', '',
             f'Largest absolute difference of a class probability from camkd_jax.inference.Predictor '
             f'(JAX, float32) on {PARITY_TILES} random tiles (limit {PARITY_ATOL:g}):', '']
