@@ -351,17 +351,20 @@ def model_card(run_model, which: str, workdir: str, files: List[str],
       f'`{rm.path}`.', '',
       '| | |', '|---|---|',
       f'| classes ({len(rm.class_names)}) | {", ".join(rm.class_names)} |',
-      f'| magnification | {rm.magnification:g}x (factor {rm.factor} below '
-      f'{rm.magnification * rm.factor:g}x) |',
+      f'| magnification | {rm.magnification:g}x' + (
+          f' (factor {rm.factor} below {rm.magnification * rm.factor:g}x)' if rm.factor > 1
+          else '') + ' |',
       f'| pixel size it expects | {model_mpp(rm):g} um/px (10x = {BASE_MPP:g} um/px) |',
-      f'| tile | {t} x {t} px at {rm.magnification:g}x ({t * rm.factor} x {t * rm.factor} px at '
-      f'{rm.magnification * rm.factor:g}x) |',
-      f'| view | {rm.view}' + (f': the network runs on the tile upsampled to {s} x {s} px' if
-                               upsampled(rm) else f': the network runs on the {rm.input_size} px '
-                               'tile itself') + ' |',
+      f'| tile | {t} x {t} px at {rm.magnification:g}x' + (
+          f' ({s} x {s} px at {rm.magnification * rm.factor:g}x)' if rm.factor > 1 else '')
+      + ' |',
+      (f'| view | {rm.view}' + (f': the network runs on the tile upsampled to {s} x {s} px' if
+                                upsampled(rm) else f': the network runs on the {rm.input_size} '
+                                'px tile itself') + ' |') if which == 'student' else
+      f'| view | the tile itself ({rm.input_size} px) |',
       f'| network | {architecture(rm)} ({model.get("dtype", "float32")} in training, float32 '
       'here) |',
-      f'| method | {report.get("method", "")} |',
+      f'| method | {report.get("method") or which} |',
       f'| dataset, seed | {meta.get("dataset", "")}, {meta.get("seed", "")} |',
       f'| selected epoch | {report.get("epoch", "")} |',
       '', '## Metrics (the run\'s own evaluation, selected epoch)', '']
@@ -371,8 +374,8 @@ def model_card(run_model, which: str, workdir: str, files: List[str],
   lines += [
       '', '## Preprocessing baked in', '',
       f'Give RGB tiles of {t} x {t} px read at {rm.magnification:g}x ({model_mpp(rm):g} um/px), '
-      'as read from the slide (the average pooling of the student view is the reading at this '
-      'magnification). Then:', '',
+      'as read from the slide' + (' (the average pooling of the student view is the reading at '
+                                  'this magnification)' if rm.factor > 1 else '') + '. Then:', '',
       '1. x = tile / 255 (values in [0, 1]);']
   if upsampled(rm):
     lines.append(f'2. bilinear upsampling with align_corners=True by {rm.factor}, to {s} x {s} px '
@@ -501,8 +504,9 @@ def main(argv):
   rm = result['model']
   worst = max(result['parity'].values())
   print(f'wrote {", ".join(result["files"])} to {result["out"]}: {fl.model} at '
-        f'{rm.magnification:g}x ({model_mpp(rm):g} um/px), {rm.tile_size} px tiles, view '
-        f'{rm.view}; largest probability difference from JAX {worst:.1e}')
+        f'{rm.magnification:g}x ({model_mpp(rm):g} um/px), {rm.tile_size} px tiles'
+        + (f', view {rm.view}' if fl.model == 'student' else '') +
+        f'; largest probability difference from JAX {worst:.1e}')
 
 
 if __name__ == '__main__':

@@ -171,6 +171,20 @@ def test_float_input_and_onnx_without_torch(runs, tmp_path, monkeypatch):
                              inference.Predictor(rm, 4).predict(tiles), atol=1e-4, rtol=0)
 
 
+def test_teacher_export(runs, tmp_path):
+  """--model teacher: 10x, 1 um/px, the 32 px tile itself; ONNX = JAX."""
+  out = str(tmp_path / 'teacher')
+  export.export(runs['upsampled'], out, 'teacher', 'onnx')
+  rm = inference.load_run_model(runs['upsampled'], 'teacher')
+  tiles = _tiles(3, 32, seed=6)
+  np.testing.assert_allclose(_onnx_probs(out, tiles), inference.Predictor(rm, 4).predict(tiles),
+                             atol=1e-4, rtol=0)
+  with open(os.path.join(out, 'model_card.md')) as f:
+    card = f.read()
+  assert '| magnification | 10x |' in card and '| view | the tile itself (32 px) |' in card
+  assert '1 um/px' in card and 'align_corners' not in card
+
+
 def test_exported_student_on_a_slide_tile_gives_camkd_jax_slide(runs, exported, tmp_path):
   """camkd_jax.slide's tiles.csv probabilities for a synthetic slide = the ONNX and TorchScript
   files fed the same tiles, read from the slide by the real OpenSlide at the model's 2.5x."""
