@@ -37,7 +37,7 @@ import os
 import shutil
 import sys
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 

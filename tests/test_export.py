@@ -43,7 +43,9 @@ def _student_params(image_size, factor, view, seed):
   _, acts = model.apply({'params': params}, x, stop='pooled')
   pooled = np.asarray(acts['pooled'], np.float64)
   rng = np.random.default_rng(seed)
-  kernel = rng.standard_normal((pooled.shape[1], 4)) / (pooled.std(0)[:, None] + 1e-12)
+  spread = pooled.std(0)
+  spread = np.maximum(spread, 1e-3 * spread.max())  # a (near-)constant channel is not blown up
+  kernel = rng.standard_normal((pooled.shape[1], 4)) / spread[:, None]
   kernel /= np.sqrt(pooled.shape[1])
   params['classifier'] = {'kernel': kernel.astype(np.float32),
                           'bias': (-pooled.mean(0) @ kernel).astype(np.float32)}
