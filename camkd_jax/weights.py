@@ -17,7 +17,9 @@ nothing).
 A torchvision-layout file is a `.safetensors` or `.npz` holding torchvision's `features.N.weight` (O, I, kH, kW) and
 `features.N.bias` (O,) arrays. Convolution kernels are transposed OIHW -> HWIO. Only the
 convolutional trunk is loaded: the reference replaces torchvision's classifier by a new
-Linear(512, num_classes), so `classifier` keeps its fresh initialisation.
+Linear(512, num_classes), so `classifier` keeps its fresh initialisation. The same layout mapping
+(`torchvision_layout`), reversed, gives a trained model's arrays in torchvision's layout
+(`flax_to_torchvision`, used by camkd_jax.export).
 
 To produce the file on a machine that has PyTorch and torchvision (see docs/pretrained.md):
 
