@@ -17,7 +17,9 @@ nothing).
 A torchvision-layout file is a `.safetensors` or `.npz` holding torchvision's `features.N.weight` (O, I, kH, kW) and
 `features.N.bias` (O,) arrays. Convolution kernels are transposed OIHW -> HWIO. Only the
 convolutional trunk is loaded: the reference replaces torchvision's classifier by a new
-Linear(512, num_classes), so `classifier` keeps its fresh initialisation.
+Linear(512, num_classes), so `classifier` keeps its fresh initialisation. The same layout mapping
+(`torchvision_layout`), reversed, gives a trained model's arrays in torchvision's layout
+(`flax_to_torchvision`, used by camkd_jax.export).
 
 To produce the file on a machine that has PyTorch and torchvision (see docs/pretrained.md):
 
@@ -63,34 +65,61 @@ def read_weight_file(path: str) -> Dict[str, np.ndarray]:
   raise WeightLoadError(f'weight file {path!r}: unknown format; use .npz or .safetensors')
 
 
+# The layout mapping, used in both directions: the Flax conv `features_N` holds torchvision's
+# `features.N`; each (torchvision suffix, Flax key) pair below is one array; kernels are HWIO in
+# Flax and OIHW in torchvision.
+TORCHVISION_KEYS = (('weight', 'kernel'), ('bias', 'bias'))
+OIHW_TO_HWIO = (2, 3, 1, 0)
+HWIO_TO_OIHW = (3, 2, 0, 1)
+
+
+def torchvision_layout(params: Mapping[str, Any]):
+  """(Flax conv name, Flax key, torchvision key) of every conv array in `params`, in
+  torchvision order."""
+  convs = sorted((int(n.split('_', 1)[1]), n) for n in params if n.startswith('features_'))
+  return [(name, flax_key, f'features.{idx}.{tv_suffix}') for idx, name in convs
+          for tv_suffix, flax_key in TORCHVISION_KEYS]
+
+
+def flax_to_torchvision(params: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+  """The inverse of `torchvision_to_flax`, for export: torchvision's `features.N.weight` (OIHW)
+  and `features.N.bias` of every conv, plus the head as a torch Linear, `classifier.weight`
+  (C, D) and `classifier.bias` (the reference's Linear(512, C) after global average pooling)."""
+  out = {}
+  for name, flax_key, key in torchvision_layout(params):
+    arr = np.asarray(params[name][flax_key], np.float32)
+    out[key] = arr.transpose(HWIO_TO_OIHW) if flax_key == 'kernel' else arr
+  if 'classifier' in params:
+    out['classifier.weight'] = np.asarray(params['classifier']['kernel'], np.float32).T
+    out['classifier.bias'] = np.asarray(params['classifier']['bias'], np.float32)
+  return out
+
+
 def torchvision_to_flax(state: Mapping[str, np.ndarray], params: Mapping[str, Any],
                         path: str = '<weights>') -> Dict[str, Any]:
   """Returns a copy of `params` with every `features_N` conv replaced by torchvision's
   `features.N` arrays. Raises WeightLoadError naming the key and both shapes on a mismatch."""
   out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in params.items()}
-  for name, leaf in params.items():
-    if not name.startswith('features_'):
-      continue
-    idx = name.split('_', 1)[1]
-    for tv_suffix, flax_key in (('weight', 'kernel'), ('bias', 'bias')):
-      key = f'features.{idx}.{tv_suffix}'
-      if key not in state:
-        raise WeightLoadError(f'{path}: missing key {key!r} (needed for params[{name!r}]'
-                              f'[{flax_key!r}] of shape {tuple(leaf[flax_key].shape)})')
-      arr = np.asarray(state[key], np.float32)
-      if tv_suffix == 'weight':
-        if arr.ndim != 4:
-          raise WeightLoadError(f'{path}: {key!r} has shape {arr.shape}; expected a 4-D OIHW '
-                                f'kernel matching {tuple(leaf[flax_key].shape)} (HWIO)')
-        arr = arr.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-      want = tuple(leaf[flax_key].shape)
-      if arr.shape != want:
-        got = arr.shape if tv_suffix == 'bias' else tuple(np.asarray(state[key]).shape)
-        raise WeightLoadError(
-            f'{path}: {key!r} has shape {got} but the model expects {want} '
-            f'({"HWIO" if tv_suffix == "weight" else "O"}) for params[{name!r}][{flax_key!r}]; '
-            'pretrained VGG16 weights need config.model.width = 1.0')
-      out[name][flax_key] = arr
+  for name, flax_key, key in torchvision_layout(params):
+    leaf = params[name]
+    tv_suffix = key.rsplit('.', 1)[1]
+    if key not in state:
+      raise WeightLoadError(f'{path}: missing key {key!r} (needed for params[{name!r}]'
+                            f'[{flax_key!r}] of shape {tuple(leaf[flax_key].shape)})')
+    arr = np.asarray(state[key], np.float32)
+    if tv_suffix == 'weight':
+      if arr.ndim != 4:
+        raise WeightLoadError(f'{path}: {key!r} has shape {arr.shape}; expected a 4-D OIHW '
+                              f'kernel matching {tuple(leaf[flax_key].shape)} (HWIO)')
+      arr = arr.transpose(OIHW_TO_HWIO)
+    want = tuple(leaf[flax_key].shape)
+    if arr.shape != want:
+      got = arr.shape if tv_suffix == 'bias' else tuple(np.asarray(state[key]).shape)
+      raise WeightLoadError(
+          f'{path}: {key!r} has shape {got} but the model expects {want} '
+          f'({"HWIO" if tv_suffix == "weight" else "O"}) for params[{name!r}][{flax_key!r}]; '
+          'pretrained VGG16 weights need config.model.width = 1.0')
+    out[name][flax_key] = arr
   return out
 
 
@@ -188,7 +217,7 @@ def lpips_to_torchvision(ckpt: Mapping[str, Any], path: str = '<lpips>') -> Dict
     kernel = np.asarray(conv['kernel'], np.float32)
     if kernel.ndim != 4:
       raise WeightLoadError(f'{path}: VGG16_0/Conv_{k}/kernel has shape {kernel.shape}, not HWIO')
-    out[f'features.{idx}.weight'] = kernel.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    out[f'features.{idx}.weight'] = kernel.transpose(HWIO_TO_OIHW)
     out[f'features.{idx}.bias'] = np.asarray(conv['bias'], np.float32)
   return out
 
