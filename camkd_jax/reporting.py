@@ -187,12 +187,36 @@ def existing_outputs(workdir: str) -> List[str]:
   return out
 
 
+SLIDE_HEADER = ['model', 'val slides', 'val grade-group kappa', 'val grade-group acc.',
+                'test slides', 'test grade-group kappa', 'test grade-group acc.']
+
+
+def slide_level_markdown(out: Dict[str, Any]) -> str:
+  """The slide-level section of results.md ('' when no run has slide-level metrics)."""
+  rows = []
+  runs = out.get('runs') or {str(out['seeds'][0]): out}
+  for seed, r in runs.items():
+    for model in ('teacher', 'student'):
+      cells = [(r.get(model) or {}).get(s, {}).get('slide_level') for s in ('val', 'test')]
+      if any(cells):
+        rows.append([f'{model} (seed {seed})'] + [
+            x for c in cells for x in ((str(c['num_slides']), _fmt(c['kappa']),
+                                        _fmt(c['accuracy'])) if c else ('-', '-', '-'))])
+  if not rows:
+    return ''
+  return ('\n## Slide level\n\nThe ISUP grade group of each slide from the selected checkpoint\'s '
+          'patch predictions (camkd_jax/gleason.py rules) against the slide labels: quadratic '
+          'kappa and accuracy over the labelled slides (selection is on config.selection.metric: '
+          'the patch-level kappa unless it is slide_kappa).\n\n'
+          + markdown_table(rows, SLIDE_HEADER))
+
+
 def write_results(out: Dict[str, Any], workdir: str):
   """results.md and the console summary of metrics.json's `out` (call on process 0 only)."""
   from camkd_jax import errors  # pylint: disable=g-import-not-at-top
   table, rows = results_markdown(out)
   text = ('# Results\n\nMetrics of the checkpoint selected on validation '
-          'kappa (test reported at that epoch).\n\n' + table
+          'kappa (test reported at that epoch).\n\n' + table + slide_level_markdown(out)
           + ''.join(f'\n**Data warning:** {n}\n' for n in out.get('data_notes', ())))
   path = os.path.join(workdir, 'results.md')
   with errors.disk_writes(path, 'results.md'):

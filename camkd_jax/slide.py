@@ -1,16 +1,15 @@
 r"""Whole-slide inference: a finished run's model on every tissue tile of whole-slide images.
 
   python -m camkd_jax.slide --workdir workdirs/attn_kd_m2.5 [--model student|teacher] \
-      --out slides_out SLIDE.svs [SLIDE2.ndpi ...]
+      --out slides_out [--labels wsi_labels.xlsx] SLIDE.svs [SLIDE2.ndpi ...]
 
-Per slide, in OUT/<slide name>/:
-  tiles.csv     one row per tissue tile: level-0 x, y of its top-left corner, the level read,
-                level_x, level_y, the region size read there, tissue fraction, one probability
-                per class, the predicted class;
-  heatmap.png   each class's probability over the slide, and the predicted class map;
-  overlay.png   the predicted classes over the slide's thumbnail;
-  summary.json  magnification and level, tissue area (mm^2, when the MPP is known), tile counts,
-                class fractions, mean probabilities, tiles/s and seconds.
+Per slide, in OUT/<slide name>/ (camkd_jax/slide_outputs.py): tiles.csv, tiles.geojson and
+regions.geojson (QuPath objects in level-0 pixels), heatmap.png, overlay.png, summary.json (with
+the slide's Gleason score and grade group when the classes are Gleason patterns,
+camkd_jax/gleason.py). OUT/slides.csv has one row per slide, rewritten as slides finish; a rerun
+skips the slides it lists as done unless --overwrite. With --labels (SICAPv2's wsi_labels.xlsx
+layout, camkd_jax/slide_labels.py) the grades are compared with the labels in
+OUT/slide_metrics.json and the log.
 OUT/run_summary.json (run_summary_p<i>.json per process under jax.distributed) lists every slide
 with its outcome. A slide that cannot be read (corrupt, not a slide, no magnification metadata)
 is one error line naming it; the others still finish, and the command exits with status 1.
@@ -24,8 +23,6 @@ Under jax.distributed (--coordinator_address etc., as for training) slide i goes
 i % process_count; each process predicts on its own devices.
 """
 import collections
-import csv
-import json
 import logging as std_logging
 import os
 import sys
@@ -36,6 +33,10 @@ from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
+
+from camkd_jax import errors
+from camkd_jax import gleason
+from camkd_jax import slide_outputs
 
 FLAGS = flags.FLAGS
 
@@ -57,13 +58,23 @@ def define_flags():
                      'metadata; magnification = 10 / mpp).')
   flags.DEFINE_float('tissue_fraction', 0.5, 'Minimum tissue fraction of a tile to predict it.')
   flags.DEFINE_float('min_saturation', 0.05, 'Lower bound of the Otsu saturation threshold.')
+  flags.DEFINE_string('patterns', '', 'Gleason pattern of each class, e.g. '
+                      '"NC=benign,G3=3,G4=4,G5=5,ART=none" ("": NC/G3/G4/G5 by name; classes '
+                      'that are not Gleason patterns and no mapping: no slide score).')
+  flags.DEFINE_float('min_share', 0.05, 'A pattern counts in the score when it covers at least '
+                     'this share of the tumour (noise threshold).')
+  flags.DEFINE_float('min_tumour', 0.05, 'A slide has tumour when its tumour covers at least '
+                     'this share of the tissue; else it is benign (noise threshold).')
+  flags.DEFINE_enum('weighting', 'count', ['count', 'probability'], 'Pattern areas: each tile '
+                    'to its predicted class (count) or split by its probabilities.')
+  flags.DEFINE_string('labels', None, 'CSV/XLSX of slide_id, Gleason_primary, '
+                      'Gleason_secondary (SICAPv2\'s wsi_labels.xlsx): slide-level metrics.')
+  flags.DEFINE_bool('overwrite', False, 'Redo the slides that slides.csv lists as done.')
+  flags.DEFINE_bool('geojson_gzip', False, 'Write tiles.geojson.gz / regions.geojson.gz (about '
+                    '12x smaller; QuPath reads them, not every GeoJSON tool does).')
   flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (jax.distributed).')
   flags.DEFINE_integer('num_processes', None, 'Number of processes (jax.distributed).')
   flags.DEFINE_integer('process_id', None, 'This process (jax.distributed).')
-
-
-CLASS_COLOURS = ('#1b9e77', '#d95f02', '#7570b3', '#e7298a', '#66a61e', '#e6ab02', '#a6761d',
-                 '#666666', '#1f78b4', '#b2df8a')
 
 
 # ----------------------------------------------------------------------------- options
@@ -71,12 +82,15 @@ class Options:
   """What the runner needs besides the model (the flags, or set in tests)."""
 
   def __init__(self, stride=0, batch_size=64, readers=4, prefetch=0, slide_magnification=None,
-               mpp=None, tissue_fraction=0.5, min_saturation=0.05, progress_every_s=2.0):
+               mpp=None, tissue_fraction=0.5, min_saturation=0.05, progress_every_s=2.0,
+               patterns='', rules=None, labels=None, overwrite=False, geojson_gzip=False):
     self.stride, self.batch_size, self.readers = stride, batch_size, readers
     self.prefetch = prefetch or 2 * readers
     self.slide_magnification, self.mpp = slide_magnification, mpp
     self.tissue_fraction, self.min_saturation = tissue_fraction, min_saturation
     self.progress_every_s = progress_every_s
+    self.patterns, self.rules = patterns, rules or gleason.Rules()  # see camkd_jax/gleason.py
+    self.labels, self.overwrite, self.geojson_gzip = labels, overwrite, geojson_gzip
 
 
 def my_slides(paths: List[str], process_index: int, process_count: int) -> List[str]:
@@ -165,11 +179,14 @@ class SlideJob:
 class SlideRunner:
   """Plans, reads, predicts and writes a list of slides with one Predictor."""
 
-  def __init__(self, run_model, which: str, out_dir: str, options: Options, predictor=None):
+  def __init__(self, run_model, which: str, out_dir: str, options: Options, predictor=None,
+               cohort: Optional[slide_outputs.CohortTable] = None):
     from camkd_jax import inference  # pylint: disable=g-import-not-at-top
     from camkd_jax import wsi  # pylint: disable=g-import-not-at-top
     self.wsi = wsi
     self.rm, self.which, self.out_dir, self.opt = run_model, which, out_dir, options
+    self.patterns = gleason.class_patterns(run_model.class_names, options.patterns)
+    self.cohort = cohort
     self.predictor = predictor or inference.Predictor(run_model, options.batch_size)
     self.fetch = inference.fetch
     self.stride = options.stride or run_model.tile_size
@@ -251,6 +268,8 @@ class SlideRunner:
     logging.error('FAILED %s', message if path in message else f'{path}: {message}')
     self.results.append({'slide': os.path.abspath(path), 'name': name, 'status': 'failed',
                          'error': message})
+    if self.cohort is not None:
+      self.cohort.update(slide_outputs.cohort_row(name, path, 'failed', message))
     if job is None:
       self.progress.finish_slide(planned=False)
     else:  # its tiles that were not predicted leave the total
@@ -258,10 +277,10 @@ class SlideRunner:
 
   def _finish(self, job: SlideJob):
     seconds = time.time() - job.t_start
-    summary = slide_summary(job, self.rm, self.which, seconds)
+    summary = slide_summary(job, self.rm, self.which, seconds, self.patterns, self.opt.rules)
     try:
       write_slide_outputs(os.path.join(self.out_dir, job.name), job, self.rm.class_names,
-                          summary)
+                          summary, self.patterns, self.opt.geojson_gzip)
     except OSError as e:
       self._fail(job.plan.path, job.name, f'{job.plan.path}: writing its outputs failed: {e}',
                  job)
@@ -269,11 +288,22 @@ class SlideRunner:
     self.results.append({'slide': os.path.abspath(job.plan.path), 'name': job.name,
                          'status': 'ok', 'tiles': len(job.plan.grid),
                          'tiles_per_second': summary['tiles_per_second']})
+    g = summary.get('gleason')
+    if g:
+      self.results[-1].update(score=g['score'], grade_group=g['grade_group'])
+      grade = (f"Gleason {g['score']}, grade group {g['grade_group']}" if g['grade_group']
+               else 'benign')
+      logging.info('%s: %s (tumour %.1f %% of tissue; patterns 3/4/5: %.1f / %.1f / %.1f %% of '
+                   'tumour)', job.name, grade, g['tumour_percent'],
+                   *(g['pattern_percent'][p] for p in '345'))
+    if self.cohort is not None:
+      self.cohort.update(slide_outputs.cohort_row(job.name, job.plan.path, 'ok', '', summary))
     self.progress.finish_slide()
 
 
 # ----------------------------------------------------------------------------- outputs
-def slide_summary(job: SlideJob, rm, which: str, seconds: float) -> Dict[str, Any]:
+def slide_summary(job: SlideJob, rm, which: str, seconds: float, patterns=None,
+                  rules: gleason.Rules = gleason.Rules()) -> Dict[str, Any]:
   plan, probs = job.plan, job.probs
   pred = probs.argmax(1) if len(probs) else np.zeros(0, int)
   n = len(pred)
@@ -299,132 +329,73 @@ def slide_summary(job: SlideJob, rm, which: str, seconds: float) -> Dict[str, An
                              for i, c in enumerate(names)},
       'seconds': seconds, 'plan_seconds': job.plan_seconds,
       'tiles_per_second': n / seconds if seconds > 0 else None,
+      **slide_gleason(plan, probs, patterns, rules, names),
   }
 
 
-def write_slide_outputs(directory: str, job: SlideJob, class_names, summary):
-  os.makedirs(directory, exist_ok=True)
-  write_tiles_csv(os.path.join(directory, 'tiles.csv'), job.plan, job.probs, class_names)
-  save_heatmaps(os.path.join(directory, 'heatmap.png'), job.plan, job.probs, class_names)
-  save_overlay(os.path.join(directory, 'overlay.png'), job.plan, job.probs, class_names)
-  _write_json(os.path.join(directory, 'summary.json'), summary)
+def tile_area_mm2(plan) -> Optional[float]:
+  """Level-0 area of one grid cell (stride x stride model pixels) in mm^2, None without MPP."""
+  if not plan.mpp:
+    return None
+  return float((plan.stride * plan.s0 * plan.mpp) ** 2 / 1e6)
 
 
-def _write_json(path, obj):
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2)
-    f.write('\n')
-  os.replace(tmp, path)
+def slide_gleason(plan, probs, patterns, rules, class_names) -> Dict[str, Any]:
+  """{'gleason': the slide score} when the classes are Gleason patterns, else {}."""
+  if patterns is None:
+    return {}
+  g = gleason.slide_score(probs, patterns, rules, tile_area_mm2(plan))
+  g['class_patterns'] = dict(zip(class_names, patterns))
+  return {'gleason': g}
 
 
-def write_tiles_csv(path, plan, probs, class_names):
-  origins = plan.origins
-  d = plan.level_downsample
-  with open(path, 'w', newline='') as f:
-    w = csv.writer(f)
-    w.writerow(['x', 'y', 'level', 'level_x', 'level_y', 'level_size', 'row', 'col', 'tissue']
-               + [f'prob_{c}' for c in class_names] + ['prediction'])
-    for i, (x, y) in enumerate(origins):
-      w.writerow([int(x), int(y), plan.level, int(round(x / d)), int(round(y / d)),
-                  plan.read_size, int(plan.grid[i, 0]), int(plan.grid[i, 1]),
-                  f'{plan.tissue[i]:.3f}'] + [f'{p:.6f}' for p in probs[i]]
-                 + [class_names[int(np.argmax(probs[i]))]])
-
-
-def probability_grids(plan, probs) -> np.ndarray:
-  """(C, rows, cols) probabilities on the tile grid, NaN where no tissue tile was predicted."""
-  grids = np.full((probs.shape[1],) + tuple(plan.grid_shape), np.nan, np.float32)
-  grids[:, plan.grid[:, 0], plan.grid[:, 1]] = probs.T
-  return grids
-
-
-def _extent(plan):
-  """imshow extent (level-0 pixels) of the tile grid: cell (r, c) centred on its tile."""
-  s0 = plan.s0
-  off = (plan.tile - plan.stride) * s0 / 2
-  rows, cols = plan.grid_shape
-  return (off, off + cols * plan.stride * s0, off + rows * plan.stride * s0, off)
-
-
-def _class_map(plan, probs):
-  grids = probability_grids(plan, probs)
-  valid = ~np.isnan(grids[0])
-  cls = np.where(valid, np.nan_to_num(grids, nan=-1).argmax(0), -1).astype(float)
-  return np.where(valid, cls, np.nan)
-
-
-def save_heatmaps(path, plan, probs, class_names):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from matplotlib import colors  # pylint: disable=g-import-not-at-top
-  c = len(class_names)
-  grids = probability_grids(plan, probs)
-  fig, axes = plt.subplots(1, c + 1, figsize=(3.2 * (c + 1), 3.4), squeeze=False)
-  for i, name in enumerate(class_names):
-    ax = axes[0, i]
-    im = ax.imshow(grids[i], vmin=0, vmax=1, cmap='magma', interpolation='nearest',
-                   extent=_extent(plan))
-    ax.set_title(f'P({name})')
-  fig.colorbar(im, ax=axes[0, :c].tolist(), shrink=0.8)
-  cmap = colors.ListedColormap(CLASS_COLOURS[:c])
-  axes[0, c].imshow(_class_map(plan, probs), cmap=cmap, vmin=-0.5, vmax=c - 0.5,
-                    interpolation='nearest', extent=_extent(plan))
-  axes[0, c].set_title('predicted class')
-  _legend(axes[0, c], class_names)
-  for ax in axes[0]:
-    ax.set_xticks([])
-    ax.set_yticks([])
-  fig.suptitle(os.path.basename(plan.path), fontsize=9)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-
-
-def _legend(ax, class_names):
-  from matplotlib.patches import Patch  # pylint: disable=g-import-not-at-top
-  ax.legend(handles=[Patch(color=CLASS_COLOURS[i], label=n) for i, n in enumerate(class_names)],
-            loc='upper left', bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
-
-
-def save_overlay(path, plan, probs, class_names):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from matplotlib import colors  # pylint: disable=g-import-not-at-top
-  c = len(class_names)
-  w, h = plan.dimensions
-  fig, ax = plt.subplots(figsize=(7, 7 * h / max(w, 1) + 0.5))
-  ax.imshow(plan.thumbnail, extent=(0, w, h, 0))
-  ax.imshow(_class_map(plan, probs), cmap=colors.ListedColormap(CLASS_COLOURS[:c]),
-            vmin=-0.5, vmax=c - 0.5, alpha=0.45, interpolation='nearest', extent=_extent(plan))
-  ax.set_xlim(0, w)
-  ax.set_ylim(h, 0)
-  ax.set_axis_off()
-  _legend(ax, class_names)
-  ax.set_title(os.path.basename(plan.path), fontsize=9)
-  fig.savefig(path, dpi=100, bbox_inches='tight')
-  plt.close(fig)
+def write_slide_outputs(directory: str, job: SlideJob, class_names, summary, patterns=None,
+                        geojson_gzip=False):
+  slide_outputs.write_slide(directory, job.plan, job.probs, class_names, summary, patterns,
+                            geojson_gzip)
 
 
 # ----------------------------------------------------------------------------- command line
 def run_slides(workdir, which, paths, out_dir, options: Options, process_index=0,
                process_count=1) -> List[Dict[str, Any]]:
-  """Loads the run's model and processes this process's share of `paths` into `out_dir`."""
+  """Loads the run's model and processes this process's share of `paths` into `out_dir`
+  (skipping the slides that slides.csv lists as done, unless options.overwrite)."""
   from camkd_jax import inference  # pylint: disable=g-import-not-at-top
+  from camkd_jax import slide_labels  # pylint: disable=g-import-not-at-top
+  if options.labels:  # a bad labels file fails now, not after the slides
+    n = len(slide_labels.read_labels(options.labels))
+    logging.info('--labels %s: %d labelled slides', options.labels, n)
   rm = inference.load_run_model(workdir, which)
   logging.info('%s model of %s: %gx, tile %d px (factor %d, view %s), classes %s', which,
                workdir, rm.magnification, rm.tile_size, rm.factor, rm.view, list(rm.class_names))
+  patterns = gleason.class_patterns(rm.class_names, options.patterns)
+  if patterns is None and options.labels:
+    raise ValueError(f'--labels needs a Gleason score, but the classes {list(rm.class_names)} are '
+                     'not NC/G3/G4/G5; map them with --patterns, e.g. '
+                     '"benign=benign,low=3,high=4"')
   names = output_names(paths)
   mine = my_slides(list(range(len(paths))), process_index, process_count)
   os.makedirs(out_dir, exist_ok=True)
+  cohort = slide_outputs.CohortTable(
+      slide_outputs.cohort_path(out_dir, process_index, process_count), [names[i] for i in mine])
+  done = [i for i in mine if not options.overwrite and cohort.done(names[i], out_dir)]
+  todo = [i for i in mine if i not in done]
+  if done:
+    logging.info('%d slide(s) already done in %s, skipped (--overwrite redoes them): %s',
+                 len(done), cohort.path, ', '.join(names[i] for i in done))
   t0 = time.time()
-  results = SlideRunner(rm, which, out_dir, options).run([paths[i] for i in mine],
-                                                         [names[i] for i in mine])
+  results = []
+  if todo:
+    results = SlideRunner(rm, which, out_dir, options, cohort=cohort).run(
+        [paths[i] for i in todo], [names[i] for i in todo])
   seconds = time.time() - t0
+  results += [{'slide': os.path.abspath(paths[i]), 'name': names[i], 'status': 'ok',
+               'skipped': True} for i in done]
+  order = {names[i]: k for k, i in enumerate(mine)}
+  results.sort(key=lambda r: order[r['name']])
   tiles = sum(r.get('tiles', 0) for r in results)
   name = 'run_summary.json' if process_count == 1 else f'run_summary_p{process_index}.json'
-  _write_json(os.path.join(out_dir, name), {
+  slide_outputs.write_json(os.path.join(out_dir, name), {
       'workdir': os.path.abspath(workdir), 'model': which, 'process': process_index,
       'processes': process_count, 'seconds': seconds, 'tiles': tiles,
       'tiles_per_second': tiles / seconds if seconds > 0 else None, 'slides': results})
@@ -432,6 +403,8 @@ def run_slides(workdir, which, paths, out_dir, options: Options, process_index=0
   logging.info('%d slide(s) done, %d failed, %d tiles in %.1f s (%.1f tiles/s); outputs in %s',
                len(results) - len(failed), len(failed), tiles, seconds,
                tiles / max(seconds, 1e-9), os.path.abspath(out_dir))
+  if process_count == 1:
+    slide_outputs.finish_cohort(out_dir, 1, options.labels)
   return results
 
 
@@ -450,19 +423,24 @@ def main(argv):
   distributed.maybe_initialize(None, coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   import jax  # pylint: disable=g-import-not-at-top
-  options = Options(FLAGS.stride, FLAGS.batch_size, FLAGS.readers, FLAGS.prefetch,
-                    FLAGS.slide_magnification, FLAGS.mpp, FLAGS.tissue_fraction,
-                    FLAGS.min_saturation)
   try:
+    rules = gleason.Rules(FLAGS.min_share, FLAGS.min_tumour, FLAGS.weighting)
+    options = Options(FLAGS.stride, FLAGS.batch_size, FLAGS.readers, FLAGS.prefetch,
+                      FLAGS.slide_magnification, FLAGS.mpp, FLAGS.tissue_fraction,
+                      FLAGS.min_saturation, patterns=FLAGS.patterns, rules=rules,
+                      labels=FLAGS.labels, overwrite=FLAGS.overwrite,
+                      geojson_gzip=FLAGS.geojson_gzip)
     results = run_slides(FLAGS.workdir, FLAGS.model, paths, FLAGS.out, options,
                          jax.process_index(), jax.process_count())
-  except (FileNotFoundError, ValueError, ImportError) as e:
+  except (FileNotFoundError, ValueError, ImportError, errors.UserError) as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     return 2
   # Every process waits for the others: none leaves the distributed runtime while others work.
   from camkd_jax import checkpoints  # pylint: disable=g-import-not-at-top
   checkpoints.sync('camkd_jax_slide_done')
+  if jax.process_count() > 1 and jax.process_index() == 0:
+    slide_outputs.finish_cohort(FLAGS.out, jax.process_count(), FLAGS.labels)
   return 1 if any(r['status'] != 'ok' for r in results) else 0
 
 

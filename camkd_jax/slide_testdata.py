@@ -15,6 +15,10 @@ levels (downsamples 1, 4, 16 by default, each level the area average of level 0)
 stripped thumbnail page after level 0. `metadata=False` writes the same pixels with a plain
 description, which OpenSlide opens as a generic tiled TIFF without magnification or MPP.
 
+A slide of a chosen composition (`composition_layout`, `--composition NC=20,G3=48,G4=32`):
+exactly that many patch cells of each class, shuffled (seeded) inside one block, so its tumour is
+e.g. 60 % G3 and 40 % G4 and its Gleason score is known (3+4=7, grade group 2).
+
 The ground truth (`SlideTruth`) is the class of every 10x pixel (255 = background), also written
 as <slide>_labels.png, and the class of every cell of the patch grid (-1 = background).
 
@@ -29,6 +33,7 @@ import numpy as np
 import PIL.Image
 
 BACKGROUND = 255
+CLASS_NAMES = ('NC', 'G3', 'G4', 'G5')   # the synthetic histology classes 0..3
 WHITE = np.array([243, 241, 245])
 
 
@@ -64,6 +69,35 @@ def cell_layout(classes: Sequence[Sequence[int]], cells: int, gap: int) -> np.nd
       y, x = gap + i * (cells + gap), gap + j * (cells + gap)
       out[y:y + cells, x:x + cells][shape] = c
   return out
+
+
+def composition_layout(counts: Sequence[int], width: int = 0, gap: int = 1,
+                       seed: int = 0) -> np.ndarray:
+  """Cell layout with exactly counts[k] cells of class k, shuffled (seeded) in one block of
+  `width` cells per row (0: about square) filled row by row, `gap` background cells around."""
+  labels = np.repeat(np.arange(len(counts)), np.asarray(counts, int))
+  n = len(labels)
+  if n == 0 or min(counts) < 0:
+    raise ValueError(f'a composition needs cell counts >= 0 and at least one cell; got {counts}')
+  width = width or int(np.ceil(np.sqrt(n)))
+  rows = int(np.ceil(n / width))
+  block = np.full(rows * width, -1, int)
+  block[:n] = np.random.default_rng([seed, 11]).permutation(labels)
+  out = np.full((rows + 2 * gap, width + 2 * gap), -1, int)
+  out[gap:gap + rows, gap:gap + width] = block.reshape(rows, width)
+  return out
+
+
+def parse_composition(text: str) -> list:
+  """'NC=20,G3=48,G4=32' -> cell counts per class [20, 48, 32, 0]."""
+  counts = [0] * len(CLASS_NAMES)
+  for item in [s.strip() for s in text.split(',') if s.strip()]:
+    name, _, n = item.partition('=')
+    if name.strip() not in CLASS_NAMES or not n.strip().isdigit():
+      raise ValueError(f'composition {text!r}: {item!r} is not CLASS=CELLS with CLASS in '
+                       f'{list(CLASS_NAMES)}')
+    counts[CLASS_NAMES.index(name.strip())] = int(n)
+  return counts
 
 
 def render_content(cells: np.ndarray, patch_size: int, seed: int = 0):
@@ -127,17 +161,21 @@ def write_pyramid(path: str, level0: np.ndarray, downsamples=(1, 4, 16), tile: i
 
 def write_slide(path: str, patch_size: int = 32, classes=((0, 1), (2, 3)), cells: int = 5,
                 gap: int = 2, magnification: float = 10.0, downsamples=(1, 4, 16),
-                tile: int = 128, seed: int = 0, metadata: bool = True) -> SlideTruth:
-  """Writes the slide at `path` and its label map at <path stem>_labels.png; returns the truth."""
+                tile: int = 128, seed: int = 0, metadata: bool = True,
+                layout: np.ndarray = None) -> SlideTruth:
+  """Writes the slide at `path` and its label map at <path stem>_labels.png; returns the truth.
+  `layout` (a cell layout, e.g. composition_layout(...)) replaces classes / cells / gap."""
   scale = magnification / 10.0
   s = int(round(scale))
   if s < 1 or abs(scale - s) > 1e-9:
     raise ValueError(f'magnification must be 10x times a whole number (10, 20, 40); got '
                      f'{magnification}')
-  layout = cell_layout(classes, cells, gap)
+  if layout is None:
+    layout = cell_layout(classes, cells, gap)
   image, labels = render_content(layout, patch_size, seed)
   level0 = np.repeat(np.repeat(image, s, axis=0), s, axis=1) if s > 1 else image
   mpp = 10.0 / magnification
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   write_pyramid(path, level0, tuple(downsamples), tile, magnification, mpp, metadata)
   PIL.Image.fromarray(labels).save(os.path.splitext(path)[0] + '_labels.png')
   return SlideTruth(labels, layout, patch_size, float(magnification), mpp, tuple(downsamples),
@@ -154,12 +192,19 @@ def main(argv=None):
   p.add_argument('--magnification', type=float, default=10.0, help='of level 0: 10, 20, 40')
   p.add_argument('--regions', type=int, default=2, help='regions per side (classes cycle)')
   p.add_argument('--cells', type=int, default=5, help='patches per side of a region')
+  p.add_argument('--composition', default='', help='cells per class instead of regions, e.g. '
+                 'NC=20,G3=48,G4=32 (tumour 60 %% G3, 40 %% G4), shuffled in one block')
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--no_metadata', action='store_true', help='omit AppMag / MPP')
   a = p.parse_args(argv)
   classes = [[(r * a.regions + c) % 4 for c in range(a.regions)] for r in range(a.regions)]
+  try:
+    layout = (composition_layout(parse_composition(a.composition), seed=a.seed)
+              if a.composition else None)
+  except ValueError as e:
+    p.error(str(e))
   truth = write_slide(a.path, a.patch_size, classes, a.cells, magnification=a.magnification,
-                      seed=a.seed, metadata=not a.no_metadata)
+                      seed=a.seed, metadata=not a.no_metadata, layout=layout)
   print(f'{a.path}: {truth.labels.shape[1] * int(a.magnification // 10)} x '
         f'{truth.labels.shape[0] * int(a.magnification // 10)} px at {a.magnification:g}x, '
         f'{int((truth.cells >= 0).sum())} tissue patches; labels in '

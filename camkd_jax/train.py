@@ -41,12 +41,13 @@ from camkd_jax import models
 from camkd_jax import ops
 from camkd_jax import reporting
 from camkd_jax import sharding
+from camkd_jax import slide_level
 from camkd_jax import workdir as workdir_lib
 from camkd_jax.models import vgg
 
 METHODS = ('teacher', 'ce', 'kd', 'fm', 'at', 'sr', 'attn_kd', 'custom')
 DATASETS = ('synthetic_histology', 'sicapv2', 'folder', 'table')
-SELECTION_METRICS = ('kappa', 'balanced_accuracy', 'accuracy')
+SELECTION_METRICS = ('kappa', 'balanced_accuracy', 'accuracy', slide_level.SELECTION_METRIC)
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -221,6 +222,8 @@ def train_and_evaluate(config, workdir: str, mesh=None, later_seeds: int = 0) ->
                data.num_examples, data.num_classes, data.class_names, data.steps_per_epoch,
                data.global_batch_size)
   config = input_pipeline.prepare_run(config, data, workdir)  # split record, 'auto' inputs
+  data.slide_level = slide_level.setup(config, data)  # None without slide labels
+  slide_level.check_selection(config, data.slide_level)
   teacher_cfg, student_cfg = step_configs(config)
   model = models.from_config(config.model, data.num_classes)
   after_teacher, after_student = later_stage_steps(config, data.steps_per_epoch, later_seeds)
@@ -337,6 +340,8 @@ def evaluate(eval_step, params, data, mesh) -> Dict[str, Dict]:
   for key, split in (('val', 'validation'), ('test', 'test')):
     labels, preds = predict(eval_step, params, data, split, mesh)
     out[key] = metrics_lib.classification_metrics(labels, preds, data.num_classes)
+    if getattr(data, 'slide_level', None) is not None:  # reported, not selected on
+      out[key]['slide_level'] = data.slide_level.evaluate(split, preds, labels)
   return out
 
 
@@ -565,7 +570,7 @@ class StageRunner:
     entry = {'epoch': epoch, 'step': step, 'train': self.epoch_losses.means(), **result}
     self.progress['history'].append(entry)
     self.epoch_losses = metrics_lib.LossMeans()
-    value = result['val'][cfg.selection.metric]
+    value = slide_level.selection_value(result['val'], cfg.selection.metric)
     best = self.progress['best']
     new_best = metrics_lib.improved(value, None if best is None else best['value'],
                                     float(cfg.selection.min_delta))

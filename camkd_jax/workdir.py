@@ -28,7 +28,9 @@ RESUMABLE_KEYS = ('overwrite', 'overwrite_teacher', 'distributed', 'log_every_st
 RETIRED_KEYS = ('shuffle_buffer',)
 # Keys added to the configs later, with the value that does what older runs did: an older
 # workdir's config.json without the key resumes while this run keeps that value.
-ADDED_KEYS = {'data.class_names': '', 'data.val_fraction': 0.15}
+ADDED_KEYS = {'data.class_names': '', 'data.val_fraction': 0.15, 'data.slide_column': '',
+              'slide_level.labels': '', 'slide_level.patterns': '', 'slide_level.min_share': 0.05,
+              'slide_level.min_tumour': 0.05}
 # Everything a run writes into its workdir (what config.overwrite clears).
 OUTPUTS = ('config.json', 'metrics.json', 'results.md', 'figures', 'tensorboard', 'checkpoints',
            'teacher', 'student')

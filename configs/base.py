@@ -136,6 +136,8 @@ def data_config(args, dataset):
   #                                              validation when there is no validation split
   d.class_names = ''                           # 'NC,G3,G4,G5': the class order (kappa needs it);
   #                                              '' = sorted folder names / labels
+  d.slide_column = ''                          # table column naming each patch's slide ('' = the
+  #                                              column 'slide' if there is one)
   return d
 
 
@@ -245,6 +247,18 @@ def selection_config():
   return s
 
 
+def slide_level_config():
+  """Slide-level metric of the evaluation (camkd_jax/slide_level.py; reported, not selected on)."""
+  s = ml_collections.ConfigDict()
+  s.labels = ''                                # CSV/XLSX slide_id, Gleason_primary,
+  #                                              Gleason_secondary; '' = SICAPv2's wsi_labels.xlsx
+  #                                              when the data directory has it, else none
+  s.patterns = ''                              # class -> pattern, 'NC=benign,G3=3,G4=4,G5=5'
+  s.min_share = 0.05                           # a pattern counts from this share of the tumour
+  s.min_tumour = 0.05                          # a slide has tumour from this share of its patches
+  return s
+
+
 def shrink_for_smoke(c):
   """smoke=1: a tiny model on tiny data for a few steps (tests, laptops)."""
   c.image_size = 32
@@ -292,6 +306,7 @@ def base_config(arg=None):
   c.num_epochs = d['num_epochs']
   c.augment = augment_config()
   c.selection = selection_config()
+  c.slide_level = slide_level_config()
   c.log_every_steps = 20
   c.max_steps = -1                             # >0 stops early (smoke tests)
   c.num_figure_images = 6

@@ -11,11 +11,13 @@ import pytest
 
 openslide = pytest.importorskip('openslide')  # the `slides` extra, part of `test`
 
+from camkd_jax import gleason  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import inference  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import slide as slide_cli  # pylint: disable=wrong-import-position
 from camkd_jax import slide_testdata  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import wsi  # pylint: disable=g-import-not-at-top,wrong-import-position
 import conftest  # pylint: disable=g-import-not-at-top,wrong-import-position
+from helpers import write_xlsx  # pylint: disable=g-import-not-at-top,wrong-import-position
 import run_export  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 P = 32                                  # patch = teacher tile at 10x
@@ -288,6 +290,15 @@ def test_cli_bad_files_are_named_and_the_others_finish(slides, random_run, tmp_p
     assert len(_predictions(str(out), name)) == 168
   assert not (out / 'corrupt' / 'tiles.csv').exists()
   assert 'slides 5/5' in proc.stderr
+  cohort = list(csv.DictReader(open(out / 'slides.csv')))  # the command line's order
+  assert [(r['slide'], r['status']) for r in cohort] == [
+      ('s10', 'ok'), ('notes', 'failed'), ('nometa', 'failed'), ('corrupt', 'failed'),
+      ('s20', 'ok')]
+  for name in ('s10', 's20'):  # the grade in the command's output
+    g = json.load(open(out / name / 'summary.json'))['gleason']
+    grade = f"Gleason {g['score']}, grade group {g['grade_group']}" if g['grade_group'] else \
+        'benign'
+    assert f'{name}: {grade} (tumour' in proc.stderr
 
 
 def test_cli_on_a_run_that_is_not_finished(tmp_path, slides):
@@ -336,3 +347,156 @@ def test_two_processes_share_the_slides(slides, random_run, tmp_path):
   assert (p0['processes'], p1['process']) == (2, 1)
   for name in ('s10', 's20'):
     assert len(_predictions(str(out), name)) == 168
+  # process 0 merged both processes' rows into slides.csv
+  cohort = list(csv.DictReader(open(out / 'slides.csv')))
+  assert sorted((r['slide'], r['status']) for r in cohort) == [
+      ('notes', 'failed'), ('s10', 'ok'), ('s20', 'ok')]
+
+
+# ----------------------------------------------------------------------------- Gleason scoring
+GLEASON = [0, 3, 4, 5]  # NC, G3, G4, G5
+
+
+@pytest.mark.parametrize('counts, text, group', [
+    ((20, 48, 32, 0), '3+4=7', 2),   # tumour 60 % G3, 40 % G4
+    ((20, 32, 48, 0), '4+3=7', 3),
+    ((10, 40, 0, 0), '3+3=6', 1),
+    ((0, 0, 48, 32), '4+5=9', 5),
+    ((40, 0, 0, 0), 'benign', 0),
+    ((10, 58, 2, 0), '3+3=6', 1),    # G4 = 2 / 60 = 3.3 % of the tumour: under the 5 % threshold
+    ((10, 30, 15, 5), '3+5=8', 4),   # biopsy rule: the highest remaining pattern, here 8 %
+])
+def test_ground_truth_map_of_a_known_composition_scores_exactly(tmp_path, counts, text, group):
+  """A slide written with exactly these cells per class, planned by the real OpenSlide path:
+  scoring its ground-truth tile map gives the published answer."""
+  layout = slide_testdata.composition_layout(counts, seed=1)
+  truth = slide_testdata.write_slide(str(tmp_path / 'c.svs'), P, layout=layout)
+  plan = wsi.plan_slide(truth.path, 10, P, P)
+  labels = truth.cells[plan.grid[:, 0], plan.grid[:, 1]]
+  assert (labels >= 0).all() and np.bincount(labels, minlength=4).tolist() == list(counts)
+  g = gleason.slide_score(np.eye(4)[labels], GLEASON, tile_area_mm2=slide_cli.tile_area_mm2(plan))
+  assert (g['score'], g['grade_group']) == (text, group)
+  tumour = sum(counts[1:])
+  assert g['pattern_percent'] == pytest.approx(
+      {str(p): 100 * counts[k + 1] / tumour if tumour else 0.0 for k, p in enumerate((3, 4, 5))})
+  assert g['tissue_mm2'] == pytest.approx(sum(counts) * (P * 1e-3) ** 2)
+
+
+@pytest.mark.slow
+def test_trained_model_grades_a_slide_of_its_best_pattern(trained_run, tmp_path):
+  """The trained tiny teacher on a slide made of one Gleason pattern only: the one it recognises
+  best on its own test patches (recall r, measured here on the fixture's 256 test patches).
+
+  1. Exactness: the slide's score equals the score of the model's probabilities on the written
+     patches (the Predictor), so the pipeline adds nothing.
+  2. A bound from r, not a tuned number: the share of the slide's n tiles the model gets right is
+     >= r - 3 standard errors of the difference of the two proportions (Agresti-Coull estimate,
+     so that r = 1 still has an error). Then at most e = 1 - (r - margin) of the tiles go to other
+     classes; with e < 1/2 the pattern is the primary one, and with the noise threshold above e
+     the score is exactly p+p.
+  """
+  workdir, _, _, _, num_test = trained_run
+  rm = inference.load_run_model(workdir, 'teacher')
+  predictor = inference.Predictor(rm, 16)
+  xt, yt = run_export.synthetic_patches(num_test, P, 2)  # the fixture's test patches
+  pred = predictor.predict(xt).argmax(1)
+  recall = {k: (int((pred[yt == k] == k).sum()), int((yt == k).sum())) for k in (1, 2, 3)}
+  best = max(recall, key=lambda k: recall[k][0] / recall[k][1])
+  hits, m = recall[best]
+  pattern = GLEASON[best]
+  counts = [0, 0, 0, 0]
+  counts[best] = n = 100
+  truth = slide_testdata.write_slide(str(tmp_path / 'pure.svs'), P, seed=5,
+                                     layout=slide_testdata.composition_layout(counts, seed=2))
+  labels = tmp_path / 'wsi_labels.xlsx'
+  write_xlsx(str(labels), [('pure', 'p1', pattern, pattern), ('absent', 'p2', 3, 4)],
+             header=('slide_id', 'patient_id', 'Gleason_primary', 'Gleason_secondary'))
+  out = tmp_path / 'out'
+  results = slide_cli.run_slides(workdir, 'teacher', [truth.path], str(out),
+                                 slide_cli.Options(batch_size=16, readers=2, labels=str(labels)))
+  assert [r['status'] for r in results] == ['ok']
+  g = json.load(open(out / 'pure' / 'summary.json'))['gleason']
+  # 1. exact
+  image, _ = slide_testdata.render_content(truth.cells, P, seed=5)
+  rr, cc = np.nonzero(truth.cells >= 0)
+  direct = predictor.predict(np.stack([image[r * P:(r + 1) * P, c * P:(c + 1) * P]
+                                       for r, c in zip(rr, cc)]))
+  want = gleason.slide_score(direct, GLEASON)
+  assert (g['score'], g['grade_group']) == (want['score'], want['grade_group'])
+  assert g['pattern_percent'] == pytest.approx(want['pattern_percent'], abs=1e-9)
+  # 2. the bound
+  rows = _predictions(str(out), 'pure')
+  agreement = np.mean([r['prediction'] == rm.class_names[best] for r in rows])
+  pt = (hits + 2) / (m + 4)
+  margin = 3 * np.sqrt(pt * (1 - pt) * (1 / n + 1 / m))
+  e = 1 - (hits / m - margin)
+  print(f'\npattern {pattern}: recall {hits}/{m}, agreement {agreement:.3f}, margin {margin:.3f}, '
+        f'e {e:.3f}; grade {g["score"]} (grade group {g["grade_group"]})')
+  assert agreement >= hits / m - margin and e < 0.5
+  assert g['primary'] == pattern and g['grade_group'] > 0
+  probs = np.array([[float(r[f'prob_{c}']) for c in rm.class_names] for r in rows])
+  strict = gleason.slide_score(probs, GLEASON, gleason.Rules(min_share=min(e + 1 / n, 0.99)))
+  assert strict['score'] == f'{pattern}+{pattern}={2 * pattern}'
+  # the cohort table and the slide-level metrics
+  cohort = list(csv.DictReader(open(out / 'slides.csv')))
+  assert [(c['slide'], c['status'], c['score']) for c in cohort] == [('pure', 'ok', g['score'])]
+  metrics = json.load(open(out / 'slide_metrics.json'))
+  assert metrics['metrics']['num_slides'] == 1
+  assert metrics['metrics']['accuracy'] == float(
+      g['grade_group'] == gleason.grade_group(pattern, pattern))
+  assert metrics['notes'] == [f'1 slide(s) of {labels} are not in this run: absent']
+
+
+def test_cohort_rerun_skips_done_slides_and_overwrite_redoes_them(slides, random_run, tmp_path):
+  """slides.csv after a run with a good and a bad file; a rerun skips the good one (its row and
+  outputs kept) and retries the bad one; --overwrite redoes both."""
+  d, s = slides
+  paths = [s['s10'].path, str(d / 'notes.svs')]
+  out = tmp_path / 'out'
+  opt = slide_cli.Options(batch_size=16, readers=1)
+  first = slide_cli.run_slides(random_run, 'teacher', paths, str(out), opt)
+  assert [r['status'] for r in first] == ['ok', 'failed']
+  rows = list(csv.DictReader(open(out / 'slides.csv')))
+  assert [(r['slide'], r['status']) for r in rows] == [('s10', 'ok'), ('notes', 'failed')]
+  assert 'not a slide format' in rows[1]['error'] and rows[0]['tiles'] == '168'
+  assert rows[0]['grade_group'] != ''  # NC/G3/G4/G5 classes: graded
+  summary = json.load(open(out / 's10' / 'summary.json'))
+  assert rows[0]['score'] == summary['gleason']['score']
+  for name in ('tiles.geojson', 'regions.geojson'):
+    assert json.load(open(out / 's10' / name))['type'] == 'FeatureCollection'
+  stamp = os.path.getmtime(out / 's10' / 'summary.json')
+  again = slide_cli.run_slides(random_run, 'teacher', paths, str(out), opt)
+  assert [(r['name'], r['status'], r.get('skipped')) for r in again] == [
+      ('s10', 'ok', True), ('notes', 'failed', None)]
+  assert os.path.getmtime(out / 's10' / 'summary.json') == stamp
+  assert list(csv.DictReader(open(out / 'slides.csv'))) == rows
+  opt.overwrite = True
+  redo = slide_cli.run_slides(random_run, 'teacher', paths, str(out), opt)
+  assert [r.get('skipped') for r in redo] == [None, None]
+  assert os.path.getmtime(out / 's10' / 'summary.json') > stamp
+
+
+def test_an_interrupted_cohort_keeps_its_rows_and_the_rerun_finishes_it(slides, random_run,
+                                                                        tmp_path, monkeypatch):
+  """Ctrl-C while the second slide's outputs are written: slides.csv holds the first slide's
+  row; the same command again skips it and does the second."""
+  from camkd_jax import slide_outputs  # pylint: disable=g-import-not-at-top
+  _, s = slides
+  paths, out = [s['s10'].path, s['s20'].path], tmp_path / 'out'
+  real = slide_outputs.write_slide
+
+  def interrupted(directory, *args, **kwargs):
+    if directory.endswith('s20'):
+      raise KeyboardInterrupt
+    return real(directory, *args, **kwargs)
+  monkeypatch.setattr(slide_outputs, 'write_slide', interrupted)
+  opt = slide_cli.Options(batch_size=16, readers=1)
+  with pytest.raises(KeyboardInterrupt):
+    slide_cli.run_slides(random_run, 'teacher', paths, str(out), opt)
+  rows = list(csv.DictReader(open(out / 'slides.csv')))
+  assert [(r['slide'], r['status']) for r in rows] == [('s10', 'ok')]
+  monkeypatch.setattr(slide_outputs, 'write_slide', real)
+  again = slide_cli.run_slides(random_run, 'teacher', paths, str(out), opt)
+  assert [(r['name'], r.get('skipped')) for r in again] == [('s10', True), ('s20', None)]
+  rows = list(csv.DictReader(open(out / 'slides.csv')))
+  assert [(r['slide'], r['status']) for r in rows] == [('s10', 'ok'), ('s20', 'ok')]

@@ -46,18 +46,21 @@ class Examples:
   items: encoded images (bytes) or, when `from_files`, file paths (str).
   labels: int32 class indices.
   names: how to call each example in an error message (a path or an image name).
+  slides: the slide of each example, when the dataset says (a table's slide column), else None.
   """
   items: list
   labels: np.ndarray
   names: list
   from_files: bool
+  slides: Optional[list] = None
 
   def __len__(self):
     return len(self.labels)
 
   def slice(self, start, stop):
     return Examples(self.items[start:stop], self.labels[start:stop], self.names[start:stop],
-                    self.from_files)
+                    self.from_files,
+                    None if self.slides is None else self.slides[start:stop])
 
   def as_tensor(self):
     """The encoded images as one tf.string tensor (cached; in-memory examples only)."""

@@ -179,20 +179,23 @@ def _carve(labels, split_of, origin, class_names, config):
                'config.data.split_seed=%s)', len(val), len(val) + len(train), fraction, seed)
 
 
-def _finish(name, where, class_names, paths, labels, splits, origin, config, **extra):
+def _finish(name, where, class_names, paths, labels, splits, origin, config, slides=None,
+            **extra):
   """Checks every image, splits the readable ones and builds the ListSource (with the record
-  of which file went where)."""
+  of which file went where). `slides`: the slide of each image (a table's slide column)."""
   keep, bad, sizes = _readable(name, where, list(paths), config)
   skipped = [(paths[i], class_names[labels[i]], 'skipped', f'{splits[i] or "any"}: {r}')
              for i, r in bad]
   paths, splits, origin = ([x[i] for i in keep] for x in (paths, splits, origin))
+  slides = None if slides is None else [slides[i] for i in keep]
   labels = np.asarray(labels, np.int32)[keep]
   split_of = _split_indices(labels, splits, origin, class_names, config)
   parts, records = {}, []
   for s in base.SPLITS:
     idx = [int(i) for i in split_of[s]]
     parts[s] = base.Examples([paths[i] for i in idx], labels[idx], [paths[i] for i in idx],
-                             from_files=True)
+                             from_files=True,
+                             slides=None if slides is None else [slides[i] for i in idx])
     records += [(paths[i], class_names[labels[i]], s, origin[i]) for i in idx]
   return base.ListSource(name, class_names, parts, [r[0] for r in skipped],
                          records=records + skipped, image_sizes=sizes, **extra)
@@ -472,5 +475,14 @@ def table_source(config):
   paths, labels, splits = ([x[i] for i in keep] for x in (paths, labels, splits))
   _check_table_splits(t, splits, split_col)
   origin = [f'table column {split_col}'] * len(paths)
+  slide_col = str(_opt(config, 'slide_column', '') or '')
+  if slide_col:
+    t.require(slide_col, 'slide_column')
+  slide_col = slide_col or ('slide' if 'slide' in t.col else '')
+  slides = t.values(slide_col) if slide_col else None
+  if slides is not None and '' in slides:
+    raise DataError(f'table {t.path}: empty slide in column {slide_col!r} in '
+                    f'{_rows_text([n for n, v in zip(t.numbers, slides) if not v])}; fill them '
+                    'or drop the column')
   return _finish('table', path, class_names, paths, labels, splits, origin, config,
-                 order_given=given, hints=hints)
+                 slides=slides, order_given=given, hints=hints)
