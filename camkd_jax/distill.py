@@ -180,7 +180,8 @@ def _train_step(cfg, student, teacher, tx, state, teacher_params, batch):
   grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
 
   # Non-finite guard: freeze at the first bad step and remember which terms. A non-finite
-  # gradient makes the global norm non-finite, so one scalar checks all gradients.
+  # gradient makes the global norm non-finite, so one scalar checks all gradients (a finite
+  # gradient whose squared norm overflows float32, |g| > ~1e19, counts as non-finite too).
   finite = [jnp.isfinite(terms.get(t, jnp.float32(0))) for t in TERMS]
   finite += [jnp.isfinite(total), jnp.isfinite(grad_norm)]
   bad_mask = sum(jnp.where(good, 0, 1 << i) for i, good in enumerate(finite))
@@ -188,7 +189,7 @@ def _train_step(cfg, student, teacher, tx, state, teacher_params, batch):
 
   # The update runs under lax.cond, not as where(ok, new, old) over the whole state: XLA then
   # updates the donated parameters and optimiser moments in place, where the select made it copy
-  # every buffer first (see experiments/BENCHMARKS.md, "Where the step's time goes").
+  # every buffer first (experiments/BENCHMARKS.md, "Where the step's time went").
   def update(operand):
     params, opt_state, g = operand
     updates, new_opt = tx.update(g, opt_state, params)
