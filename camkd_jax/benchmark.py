@@ -41,7 +41,6 @@ import os
 import statistics
 import sys
 import time
-import types
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import jax
@@ -92,6 +91,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       'time several sets, e.g. --terms=ce,fm,at --terms=ce,fm). Default ce,fm,at')
   p.add_argument('--dtypes', default='float32,bfloat16',
                  help='model compute dtypes (parameters stay float32)')
+  p.add_argument('--config_arg', default='protocol=paper',
+                 help="argument of configs/base.py for the run config that the programs are "
+                      "built from as in training ('' = the embedded dataset's defaults, with their "
+                      "input standardisation); the flags below set its fields")
   p.add_argument('--model', default='vgg16', help='backbone name in camkd_jax.models')
   p.add_argument('--width', type=float, default=1.0, help='channel multiplier (1.0 = VGG16)')
   p.add_argument('--image_size', type=int, default=512, help='teacher input size (pixels)')
@@ -337,25 +340,29 @@ def cases_from_args(args) -> List[Case]:
   return out
 
 
-def _augment(args):
-  if args.no_augment:
-    return None
-  from camkd_jax import augment  # pylint: disable=g-import-not-at-top
-  return augment.AugmentParams()  # the defaults of config.augment (reference pipeline)
-
-
-def step_config(case: Case, args) -> distill.StepConfig:
-  """The StepConfig the trainer would build for this case."""
-  aug = _augment(args)
-  if case.program == 'teacher':
-    return distill.StepConfig(factor=1, weights=(('ce', 1.0),), augment=aug)
+def run_config(case: Case, args):
+  """The run config whose training program this case times: configs/base.py with --config_arg,
+  then the benchmark's flags (model, width, image size, dtype, magnification from the factor, the
+  case's loss terms and their weights, AT map and layer, augmentation, learning rate). The program
+  is built from it as the trainer builds its own (distill.StepConfig.from_config,
+  models.from_config, distill.make_optimizer), so the benchmark times what training runs."""
+  try:
+    from configs import base  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise SystemExit('camkd_jax.benchmark: run it from the repository root (it builds its '
+                     'programs from configs/base.py)') from e
+  c = base.base_config(args.config_arg or None)
+  c.model.name, c.model.width, c.model.dtype = args.model, float(args.width), case.dtype
+  c.image_size = int(args.image_size)
+  c.magnification = c.base_magnification / case.student_factor(args)
   weight = {'ce': 1.0, 'kd': args.a_kd, 'fm': args.a_fm, 'at': args.a_at, 'sr': args.a_sr}
-  # The trainer's path: train.student_step_config -> saliency.from_config(config.attention).
-  from camkd_jax import saliency  # pylint: disable=g-import-not-at-top
-  spec = saliency.build(map_name=args.at_map, layers=(args.at_layer,))
-  return distill.StepConfig(
-      factor=case.student_factor(args), weights=tuple((t, weight[t]) for t in case.terms),
-      fm_layer='block5', saliency=spec, augment=aug, view=case.view)
+  for term in distill.TERMS:
+    setattr(c.loss, term, float(weight[term]) if term in case.terms else 0.0)
+  c.attention.map, c.attention.layers = args.at_map, args.at_layer
+  c.augment.enabled = not args.no_augment
+  c.optimizer.name, c.optimizer.learning_rate = 'adam', float(args.learning_rate)
+  c.student.view = case.view
+  return c
 
 
 @dataclasses.dataclass
@@ -401,7 +408,8 @@ def _abstract_batch(batch, size):
 
 def build_program(case: Case, args, mesh) -> Program:
   """Builds the jitted program with distill.make_train_step / make_eval_step."""
-  model = models.get_model(args.model, NUM_CLASSES, args.width, case.dtype)
+  config = run_config(case, args)
+  model = models.from_config(config.model, NUM_CLASSES)
   init = _init_fn(model, args.image_size)
   key = jax.random.PRNGKey(args.seed)
   np_rng = np.random.default_rng(args.seed)
@@ -420,11 +428,10 @@ def build_program(case: Case, args, mesh) -> Program:
     return Program(fn, abstract, make_args, False, args.eval_batch_size)
 
   sharding.check_batch_size(args.batch_size, mesh)
-  cfg = step_config(case, args)
-  tx = distill.make_optimizer(types.SimpleNamespace(name='adam',
-                                                    learning_rate=args.learning_rate))
-  teacher = (models.get_model(args.model, NUM_CLASSES, args.width, case.dtype)
-             if cfg.needs_teacher else None)
+  stage = 'teacher' if case.program == 'teacher' else 'student'
+  cfg = distill.StepConfig.from_config(config, stage)
+  tx = distill.make_optimizer(config.optimizer)
+  teacher = models.from_config(config.model, NUM_CLASSES) if cfg.needs_teacher else None
   fn = distill.make_train_step(cfg, model, tx, mesh, teacher=teacher)
   skey, tkey, rkey = jax.random.split(key, 3)
   make_state = lambda: distill.create_train_state(init(skey), tx, rkey)

@@ -56,6 +56,31 @@ class StepConfig:
   def needs_teacher(self):
     return any(self.weight(t) != 0.0 for t in ('kd', 'fm', 'at', 'sr'))
 
+  @classmethod
+  def from_config(cls, config, stage: str = 'student') -> 'StepConfig':
+    """The step of a training stage, from the run's config; the one definition that the trainer,
+    the benchmark and the study use.
+
+    'teacher': CE at full resolution (f = 1). 'student': f = base_magnification / magnification,
+    the config.loss weights, config.student.view and the AT map x norm x distance of
+    config.attention (unknown names fail here, at start-up). Both with config.augment.
+    """
+    from camkd_jax import augment as augment_lib  # pylint: disable=g-import-not-at-top
+    aug = augment_lib.AugmentParams.from_config(config.augment)
+    if stage == 'teacher':
+      return cls(factor=1, weights=(('ce', 1.0),), augment=aug)
+    if stage != 'student':
+      raise ValueError(f'unknown stage {stage!r}; known: teacher, student')
+    weights = tuple((t, float(getattr(config.loss, t))) for t in TERMS)
+    negative = [t for t, w in weights if w < 0]
+    if negative:
+      raise ValueError(f'loss weights must be >= 0; got negative config.loss.{negative[0]}')
+    return cls(
+        factor=ops.magnification_factor(config.magnification, config.base_magnification),
+        weights=weights, temperature=float(config.loss.temperature),
+        view=config.student.view, kd_form=config.loss.kd_form, fm_layer=config.loss.fm_layer,
+        saliency=saliency_lib.from_config(config.attention), augment=aug)
+
 
 def make_optimizer(opt_cfg) -> optax.GradientTransformation:
   """optax optimiser from `config.optimizer` (adam | sgd | adamw)."""
@@ -152,21 +177,30 @@ def _train_step(cfg, student, teacher, tx, state, teacher_params, batch):
     return compute_losses(cfg, student, params, teacher, teacher_params, x, labels)
 
   (total, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
-  updates, new_opt = tx.update(grads, state['opt_state'], state['params'])
-  new_params = optax.apply_updates(state['params'], updates)
+  grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
 
-  # Non-finite guard: freeze at the first bad step and remember which terms.
-  grads_ok = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g))
-                                  for g in jax.tree_util.tree_leaves(grads)]))
+  # Non-finite guard: freeze at the first bad step and remember which terms. A non-finite
+  # gradient makes the global norm non-finite, so one scalar checks all gradients (a finite
+  # gradient whose squared norm overflows float32, |g| > ~1e19, counts as non-finite too).
   finite = [jnp.isfinite(terms.get(t, jnp.float32(0))) for t in TERMS]
-  finite += [jnp.isfinite(total), grads_ok]
+  finite += [jnp.isfinite(total), jnp.isfinite(grad_norm)]
   bad_mask = sum(jnp.where(good, 0, 1 << i) for i, good in enumerate(finite))
   ok = (bad_mask == 0) & (state['bad_step'] < 0)
-  keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+  # The update runs under lax.cond, not as where(ok, new, old) over the whole state: XLA then
+  # updates the donated parameters and optimiser moments in place, where the select made it copy
+  # every buffer first (experiments/BENCHMARKS.md, "Where the step's time went").
+  def update(operand):
+    params, opt_state, g = operand
+    updates, new_opt = tx.update(g, opt_state, params)
+    return optax.apply_updates(params, updates), new_opt
+
+  new_params, new_opt = jax.lax.cond(ok, update, lambda operand: operand[:2],
+                                     (state['params'], state['opt_state'], grads))
   new_state = {
       'step': state['step'] + 1,
-      'params': keep(new_params, state['params']),
-      'opt_state': keep(new_opt, state['opt_state']),
+      'params': new_params,
+      'opt_state': new_opt,
       'rng': state['rng'],
       'bad_step': jnp.where((state['bad_step'] < 0) & (bad_mask != 0), state['step'],
                             state['bad_step']),
@@ -174,7 +208,7 @@ def _train_step(cfg, student, teacher, tx, state, teacher_params, batch):
   }
   metrics = {f'loss/{k}': v for k, v in terms.items()}
   metrics['loss/total'] = total
-  metrics['grad_norm'] = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
+  metrics['grad_norm'] = grad_norm
   return new_state, metrics
 
 

@@ -40,7 +40,6 @@ from camkd_jax import metrics as metrics_lib
 from camkd_jax import models
 from camkd_jax import ops
 from camkd_jax import reporting
-from camkd_jax import saliency as saliency_lib
 from camkd_jax import sharding
 from camkd_jax import slide_level
 from camkd_jax import workdir as workdir_lib
@@ -165,26 +164,9 @@ def parse_seeds(config) -> List[int]:
 
 
 def step_configs(config):
-  """(teacher StepConfig, student StepConfig) with the on-device augmentation."""
-  from camkd_jax import augment  # pylint: disable=g-import-not-at-top
-  aug = augment.AugmentParams.from_config(config.augment)
-  teacher = distill.StepConfig(factor=1, weights=(('ce', 1.0),), augment=aug)
-  return teacher, student_step_config(config, augment=aug)
-
-
-def student_step_config(config, saliency=None, augment=None) -> distill.StepConfig:
-  """The student's StepConfig: f = base_magnification / magnification, the config.loss weights,
-  and the AT map x norm x distance of config.attention (unknown names fail here, at start-up)."""
-  weights = tuple((t, float(getattr(config.loss, t))) for t in distill.TERMS)
-  negative = [t for t, w in weights if w < 0]
-  if negative:
-    raise ValueError(f'loss weights must be >= 0; got negative config.loss.{negative[0]}')
-  return distill.StepConfig(
-      factor=ops.magnification_factor(config.magnification, config.base_magnification),
-      weights=weights, temperature=float(config.loss.temperature),
-      view=config.student.view, kd_form=config.loss.kd_form, fm_layer=config.loss.fm_layer,
-      saliency=saliency_lib.from_config(config.attention) if saliency is None else saliency,
-      augment=augment)
+  """(teacher StepConfig, student StepConfig) of the run (distill.StepConfig.from_config)."""
+  return (distill.StepConfig.from_config(config, 'teacher'),
+          distill.StepConfig.from_config(config, 'student'))
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -22,7 +22,6 @@ import optax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import distill  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import gradcam  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import saliency  # pylint: disable=g-import-not-at-top,wrong-import-position
-from camkd_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax.models import get_model  # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import base  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -52,7 +51,7 @@ saliency.register_distance('huber', huber)
 
 def at_term(config, student, teacher, t_params, images, labels):
   """The AT term as a function of the student's parameters, as the train step computes it."""
-  cfg = train.student_step_config(config)                 # checks the names at start-up
+  cfg = distill.StepConfig.from_config(config)            # checks the names at start-up
   return lambda params: distill.compute_losses(
       cfg, student, params, teacher, t_params, images, labels)[1]['at']
 

@@ -225,3 +225,41 @@ def test_tiny_run_reports_sensible_numbers(tmp_path, capsys):
   # A distillation step does a teacher forward, a student forward and a backward (~4 forwards).
   assert 3.0 < distill_row['flops'] / eval_row['flops'] < 5.0
   assert distill_row['augment'] and not eval_row['augment']
+
+
+def _lowered_text(jitted, abstract_args):
+  return jitted.lower(*abstract_args).as_text()
+
+
+@pytest.mark.parametrize('program', ['distill', 'teacher'])
+def test_benchmark_times_the_training_program(program):
+  """The benchmark's program, given the flags of a run config, lowers to the same HLO as the
+  program the trainer builds for that config (models.from_config, train.step_configs,
+  distill.make_optimizer -> distill.make_train_step, as in train.StageRunner); another loss
+  weight gives another program."""
+  from camkd_jax import distill, models, sharding, train  # pylint: disable=g-import-not-at-top
+  from configs import attn_kd  # pylint: disable=g-import-not-at-top
+  config = attn_kd.get_config('smoke=1')
+  mesh = sharding.make_mesh()
+  flags = ['--config_arg=smoke=1', f'--programs={program}', '--dtypes=float32',
+           f'--width={config.model.width}', f'--image_size={config.image_size}',
+           f'--batch_size={config.batch_size}', '--factor=4', '--terms=ce,fm,at',
+           f'--learning_rate={config.optimizer.learning_rate}']
+  loss = [f'--a_fm={config.loss.fm}', f'--a_at={config.loss.at}']
+
+  def bench(extra):
+    args = benchmark.parse_args(flags + extra)
+    (case,) = benchmark.cases_from_args(args)
+    return benchmark.build_program(case, args, mesh)
+
+  prog = bench(loss)
+  model = models.from_config(config.model, benchmark.NUM_CLASSES)
+  teacher_cfg, student_cfg = train.step_configs(config)
+  step_cfg = teacher_cfg if program == 'teacher' else student_cfg
+  trained = distill.make_train_step(step_cfg, model, distill.make_optimizer(config.optimizer),
+                                    mesh, teacher=model if step_cfg.needs_teacher else None)
+  want = _lowered_text(trained, prog.abstract_args)
+  assert _lowered_text(prog.jitted, prog.abstract_args) == want
+  if program == 'distill':
+    other = bench([f'--a_fm={2 * config.loss.fm}', f'--a_at={config.loss.at}'])
+    assert _lowered_text(other.jitted, other.abstract_args) != want

@@ -114,15 +114,18 @@ def test_nonfinite_term_freezes_state_and_names_term(setup):
   cfg = distill.StepConfig(factor=2, weights=(('ce', 1.0), ('kd', 1.0)))
   step = distill.make_train_step(cfg, model, tx, mesh, teacher=model)
   state = distill.create_train_state(sparams, tx, jax.random.PRNGKey(2))
-  before = jax.tree_util.tree_map(np.array, state['params'])
+  before = jax.tree_util.tree_map(np.array, (state['params'], state['opt_state']))
   batch = sharding.shard_batch(_batch(4), mesh)
   for _ in range(2):
-    state, _ = step(state, bad_teacher, batch)
+    state, metrics = step(state, bad_teacher, batch)
   assert int(state['bad_step']) == 0
   # A NaN teacher poisons KD, the total and the gradient; CE stays finite.
   assert distill.decode_bad_terms(int(state['bad_terms'])) == ['kd', 'total', 'gradients']
+  assert not np.isfinite(float(metrics['grad_norm']))
+  # Parameters and every optimiser buffer (Adam's count and moments) are frozen.
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b),
-                         state['params'], before)
+                         (state['params'], state['opt_state']), before)
+  assert int(state['step']) == 2
 
 
 # ----------------------------------------------------------------------------- native students

@@ -345,7 +345,7 @@ def test_default_at_plus_stays_float64_under_x64(python_runner):
 
 def test_default_combination_equals_core_at_plus(tiny):
   """map gradcam_plus (all classes), minmax, rmse at block5 == losses.at_plus_loss on cam_plus."""
-  spec = train.student_step_config(_attn_config()).saliency
+  spec = distill.StepConfig.from_config(_attn_config()).saliency
   assert spec.layers == ('block5',)
   s, t, labels = tiny['s'], tiny['t'], jnp.asarray(tiny['labels'])
   got = spec.loss_fn(s, t, labels)
@@ -389,7 +389,7 @@ def test_resize_direction(resize):
 
 def test_activation_map_runs_without_grads_in_the_step(tiny):
   """map=activation asks the step for no gradients (plain forward) and gives the closed form."""
-  cfg = train.student_step_config(_attn_config(map='activation', norm='l2', distance='mse'))
+  cfg = distill.StepConfig.from_config(_attn_config(map='activation', norm='l2', distance='mse'))
   assert cfg.saliency.layers == ()
   model, p = tiny['model'], tiny['params']
   x = jnp.asarray(tiny['x'])
@@ -451,7 +451,7 @@ def test_register_and_select_by_name(clean_registry, tiny):
 ])
 def test_bad_config_fails_at_start_up(field, value, message):
   with pytest.raises(ValueError, match=message):
-    train.student_step_config(_attn_config(**{field: value}))
+    distill.StepConfig.from_config(_attn_config(**{field: value}))
 
 
 def test_user_map_and_distance_that_break_the_contract_are_named(tiny):
@@ -489,11 +489,11 @@ def test_command_line_overrides_select_the_parts():
   assert (att.map, att.norm, att.distance, att.temperature, att.layers, att.layer_weights,
           att.resize) == ('gradcam_plus_target', 'softmax', 'kl', 0.5, 'block4,block5',
                           '0.5,1.0', 'teacher_to_student')
-  assert train.student_step_config(config).saliency.layers == ('block4', 'block5')
+  assert distill.StepConfig.from_config(config).saliency.layers == ('block4', 'block5')
   config = parse('--config.attention.map=input_grad', '--config.attention.layers=input')
-  assert train.student_step_config(config).saliency.layers == ('input',)
+  assert distill.StepConfig.from_config(config).saliency.layers == ('input',)
   config = parse('--config.attention.map=activation')
-  assert train.student_step_config(config).saliency.layers == ()
+  assert distill.StepConfig.from_config(config).saliency.layers == ()
 
 
 # ----------------------------------------------------------------------------- README example
