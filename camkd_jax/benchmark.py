@@ -55,7 +55,6 @@ from camkd_jax import sharding
 
 NUM_CLASSES = 4  # NC, G3, G4, G5
 PROGRAMS = ('distill', 'teacher', 'eval')
-DTYPES = ('float32', 'bfloat16')
 
 # Dense peak rates in TFLOP/s per chip. Matched in order against the lower-cased
 # `device_kind`, so more specific names come first. Keys: bfloat16, tf32 (NVIDIA tensor cores,
