@@ -306,7 +306,7 @@ class Case:
 _PAPER = ('ce', 'fm', 'at')
 # Prioritised: the targets first, then the cost of AT+ and the teacher; with
 # --time_budget_s the tail is what gets dropped.
-# The native students (issue 13) come right after their upsampled bf16 counterparts at f = 4,
+# The native students come right after their upsampled bf16 counterparts at f = 4,
 # so the first GPU run compares them within its budget; the f = 2, 8 native steps follow the
 # float32 targets (an upsampled step costs the same at every f: its student runs at S).
 SUITES = {
