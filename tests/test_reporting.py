@@ -1,5 +1,5 @@
 """camkd_jax.reporting: TensorBoard events, tables, seed summaries, results.md, format helpers;
-progress and outputs (issue 15, item 9): weighted loss lines, the whole-run ETA's step counts, no
+progress and outputs: weighted loss lines, the whole-run ETA's step counts, no
 TensorBoard step written twice after a resume, the summary's outputs, the Grad-CAM figure's
 examples (all classes) and panels (the student's map over the input it saw)."""
 import os
