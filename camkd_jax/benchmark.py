@@ -55,7 +55,6 @@ from camkd_jax import sharding
 
 NUM_CLASSES = 4  # NC, G3, G4, G5
 PROGRAMS = ('distill', 'teacher', 'eval')
-DTYPES = ('float32', 'bfloat16')
 
 # Dense peak rates in TFLOP/s per chip. Matched in order against the lower-cased
 # `device_kind`, so more specific names come first. Keys: bfloat16, tf32 (NVIDIA tensor cores,
@@ -307,7 +306,7 @@ class Case:
 _PAPER = ('ce', 'fm', 'at')
 # Prioritised: the targets first, then the cost of AT+ and the teacher; with
 # --time_budget_s the tail is what gets dropped.
-# The native students (issue 13) come right after their upsampled bf16 counterparts at f = 4,
+# The native students come right after their upsampled bf16 counterparts at f = 4,
 # so the first GPU run compares them within its budget; the f = 2, 8 native steps follow the
 # float32 targets (an upsampled step costs the same at every f: its student runs at S).
 SUITES = {

@@ -188,10 +188,10 @@ def onnx_model(run_model, input_dtype: str = 'uint8'):
 def onnx_probabilities(path: str, tiles: np.ndarray) -> np.ndarray:
   """Probabilities of `tiles` under onnxruntime (CPU)."""
   import onnxruntime as ort  # pylint: disable=g-import-not-at-top
-  session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
-  want = session.get_inputs()[0].type
+  ort_session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+  want = ort_session.get_inputs()[0].type
   x = tiles if want == 'tensor(uint8)' else tiles.astype(np.float32)
-  return session.run(['probabilities'], {'tiles': x})[0]
+  return ort_session.run(['probabilities'], {'tiles': x})[0]
 
 
 # ----------------------------------------------------------------------------- WSInfer / TorchScript

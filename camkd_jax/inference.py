@@ -125,9 +125,6 @@ def load_run_model(workdir: str, which: str = 'student') -> RunModel:
   meta = checkpoints.read_metadata(path)
   config = _read_json(os.path.join(workdir, 'config.json'),
                       f'{workdir} has no config.json; it is not a camkd_jax run directory')
-  missing = [k for k in ('model', 'image_size', 'class_names', 'num_classes') if k not in meta]
-  if missing:
-    raise ValueError(f'{path}/{checkpoints.METADATA} lacks {missing}: not a camkd_jax export')
   base = float(config.get('base_magnification', 10.0))
   factor, view = 1, 'native'
   if which == 'student':

@@ -1,7 +1,8 @@
 """Loss terms of the distillation objective, as pure functions (docs/method.md, "The objective").
 
-Total = CE + a_kd KD + a_fm FM + a_at AT+ + a_sr SR. Every function takes arrays and returns a
-float32 scalar; teacher-side inputs are wrapped in stop_gradient here so callers cannot leak
+Total = CE + a_kd KD + a_fm FM + a_at AT+ + a_sr SR; AT+ is composed in camkd_jax/saliency.py from
+the normalisations and the per-sample RMSE below. Every loss takes arrays and returns a float32
+scalar; teacher-side inputs are wrapped in stop_gradient here so callers cannot leak
 gradients into the teacher. Nothing here reads a config.
 """
 import jax
@@ -78,22 +79,6 @@ def per_sample_rmse(a, b):
   """(B,) of sqrt(mean over all non-batch axes of (a - b)^2)."""
   d = ops.at_least_f32(a) - ops.at_least_f32(b)
   return safe_sqrt(jnp.mean((d * d).reshape(d.shape[0], -1), axis=-1))
-
-
-def at_plus_loss(student_maps, teacher_maps, norm='minmax', temperature=0.01):
-  """AT+: batch mean of per-sample RMSE between normalised map stacks (B, H, W, C).
-
-  Student maps of another spatial size are resized to the teacher's (bilinear, align corners).
-  """
-  t = ops.at_least_f32(jax.lax.stop_gradient(teacher_maps))
-  s = ops.resize_align_corners(ops.at_least_f32(student_maps), t.shape[1:3])
-  if norm == 'minmax':
-    s, t = minmax_normalize(s), minmax_normalize(t)
-  elif norm == 'softmax':
-    s, t = softmax_normalize(s, temperature), softmax_normalize(t, temperature)
-  else:
-    raise ValueError(f'unknown AT+ normalisation {norm!r}; known: minmax, softmax')
-  return jnp.mean(per_sample_rmse(s, t))
 
 
 def sr_loss(student_on_teacher_head, teacher_logits):

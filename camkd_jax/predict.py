@@ -19,7 +19,7 @@ run's image_size as in training.
 
 The CSV has one row per patch: path, label ('' when unknown), prediction, then p_<class> for
 every class (softmax probabilities, summing to 1). An existing --out is not replaced unless
---overwrite. Bad input ends in one line naming the file, row or flag (exit code 1).
+--overwrite. Bad input ends in one line naming the file, row or flag (exit code 2).
 """
 import csv
 import json

@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from camkd_jax import metrics as metrics_lib
+from camkd_jax import workdir as workdir_lib
 
 
 # ----------------------------------------------------------------------------- TensorBoard events
@@ -79,11 +80,12 @@ def _fmt(x, digits=4):
   return '-' if x is None else f'{x:.{digits}f}'
 
 
-def results_rows(runs: Mapping[str, Mapping]) -> List[List[str]]:
-  """Rows (model, magnification, val bal.acc, val kappa, test bal.acc, test kappa, epoch)."""
+def results_rows(runs: Mapping[str, Mapping], base_magnification: float) -> List[List[str]]:
+  """Rows (model, magnification, val bal.acc, val kappa, test bal.acc, test kappa, epoch); a run
+  without its own magnification (the teacher) is at base_magnification."""
   rows = []
   for label, r in runs.items():
-    mag = f"{r.get('magnification', 10.0):g}x"
+    mag = f"{r.get('magnification', base_magnification):g}x"
     rows.append([label, mag, _fmt(r['val'].get('balanced_accuracy')), _fmt(r['val'].get('kappa')),
                  _fmt(r['test'].get('balanced_accuracy')), _fmt(r['test'].get('kappa')),
                  str(r.get('epoch', '-'))])
@@ -96,12 +98,12 @@ def mean_std_cell(mean: float, std: float, digits: int = 4) -> str:
 
 
 def summary_rows(summary: Mapping[str, Mapping], magnifications: Mapping[str, float]):
-  """Mean +- sample std rows from metrics.json's `summary`."""
+  """Mean +- sample std rows from metrics.json's `summary` (magnifications: of each model)."""
   rows = []
   for model, s in summary.items():
     cell = lambda split, key: (mean_std_cell(s[split][key + '_mean'], s[split][key + '_std'])
                                if key + '_mean' in s.get(split, {}) else '-')
-    rows.append([f'{model} (mean ± sample std)', f'{magnifications.get(model, 10.0):g}x',
+    rows.append([f'{model} (mean ± sample std)', f'{magnifications[model]:g}x',
                  cell('val', 'balanced_accuracy'), cell('val', 'kappa'),
                  cell('test', 'balanced_accuracy'), cell('test', 'kappa'), '-'])
   return rows
@@ -156,30 +158,30 @@ def combine_seeds(runs: Dict[int, Dict]) -> Dict[str, Any]:
   return out
 
 
-def results_markdown(out: Dict[str, Any]) -> Tuple[str, List[List[str]]]:
-  """(markdown table, rows) of metrics.json's `out`: a row per model and seed, then the means."""
+def results_markdown(out: Dict[str, Any],
+                     base_magnification: float) -> Tuple[str, List[List[str]]]:
+  """(markdown table, rows) of metrics.json's `out`: a row per model and seed, then the means.
+  base_magnification: the run's config.base_magnification, the teacher's."""
   rows = []
   runs = out.get('runs') or {str(out['seeds'][0]): out}
   for seed, r in runs.items():
     labelled = {f'{m} (seed {seed})': r[m] for m in ('teacher', 'student') if m in r}
-    rows += results_rows(labelled)
+    rows += results_rows(labelled, base_magnification)
   if len(runs) > 1:
-    mags = {'student': out['student']['magnification']} if 'student' in out else {}
+    mags = {'teacher': base_magnification}
+    if 'student' in out:
+      mags['student'] = out['student']['magnification']
     rows += summary_rows(out['summary'], mags)
   return markdown_table(rows), rows
 
 
-# What a run may leave, in the order the summary lists it.
-RUN_OUTPUTS = ('metrics.json', 'results.md', 'figures/gradcam.png', 'tensorboard/',
-               'checkpoints/', 'teacher/', 'student/', 'data_split.csv')
-
-
 def existing_outputs(workdir: str) -> List[str]:
-  """The RUN_OUTPUTS present in `workdir` ('seed_*/x' when only the seed runs hold x)."""
+  """The outputs (workdir.OUTPUTS) present in `workdir` ('seed_*/x' when only the seed runs
+  hold x)."""
   seeds = sorted(d for d in os.listdir(workdir) if d.startswith('seed_')
                  and os.path.isdir(os.path.join(workdir, d))) if os.path.isdir(workdir) else []
   out = []
-  for name in RUN_OUTPUTS:
+  for name in workdir_lib.OUTPUTS:
     if os.path.exists(os.path.join(workdir, name)):
       out.append(name)
     elif seeds and all(os.path.exists(os.path.join(workdir, d, name)) for d in seeds):
@@ -206,17 +208,20 @@ def slide_level_markdown(out: Dict[str, Any]) -> str:
     return ''
   return ('\n## Slide level\n\nThe ISUP grade group of each slide from the selected checkpoint\'s '
           'patch predictions (camkd_jax/gleason.py rules) against the slide labels: quadratic '
-          'kappa and accuracy over the labelled slides (selection is on config.selection.metric: '
-          'the patch-level kappa unless it is slide_kappa).\n\n'
+          'kappa and accuracy over the labelled slides.\n\n'
           + markdown_table(rows, SLIDE_HEADER))
 
 
-def write_results(out: Dict[str, Any], workdir: str):
-  """results.md and the console summary of metrics.json's `out` (call on process 0 only)."""
+def write_results(out: Dict[str, Any], workdir: str, selection_metric: str,
+                  base_magnification: float):
+  """results.md and the console summary of metrics.json's `out` (call on process 0 only).
+  selection_metric, base_magnification: the run's config.selection.metric and
+  config.base_magnification (the teacher's magnification)."""
   from camkd_jax import errors  # pylint: disable=g-import-not-at-top
-  table, rows = results_markdown(out)
+  table, rows = results_markdown(out, base_magnification)
   text = ('# Results\n\nMetrics of the checkpoint selected on validation '
-          'kappa (test reported at that epoch).\n\n' + table + slide_level_markdown(out)
+          f'{selection_metric.replace("_", " ")} (config.selection.metric={selection_metric}; '
+          'test reported at that epoch).\n\n' + table + slide_level_markdown(out)
           + ''.join(f'\n**Data warning:** {n}\n' for n in out.get('data_notes', ())))
   path = os.path.join(workdir, 'results.md')
   with errors.disk_writes(path, 'results.md'):

@@ -14,7 +14,7 @@ every name once, at start-up, and returns the `SaliencySpec` the train step runs
 layers whose gradients the step must compute, and a pure `loss_fn(student, teacher, labels)`.
 
 The reference AT+ is map='gradcam_plus' (all classes), norm='minmax', distance='rmse' at
-'block5'; it computes the same numbers as `losses.at_plus_loss` on `gradcam.cam_plus` maps.
+'block5' (tests/test_saliency.py checks it against a NumPy float64 formula).
 Everything is traced into the one compiled step: the only Python loop is over the configured
 layers (static); classes are handled by the vectorised all-class gradients of `gradcam`.
 """

@@ -189,7 +189,8 @@ def run(config, workdir: str) -> Dict[str, Any]:
   out = reporting.combine_seeds(runs)
   checkpoints.write_json(os.path.join(workdir, 'metrics.json'), out)
   if distributed.is_main():
-    reporting.write_results(out, workdir)
+    reporting.write_results(out, workdir, config.selection.metric,
+                            float(config.base_magnification))
   return out
 
 

@@ -3,8 +3,9 @@
 A workdir holds one config's run. `prepare_workdir` refuses a workdir whose config.json differs
 from this run's in a key that changes results (RESUMABLE_KEYS may differ: a resume can change
 logging or paths) and that holds training (a checkpoint, a finished model, metrics.json), unless
-config.overwrite, which deletes the earlier run's OUTPUTS first. A workdir without any training
-(a start that failed on its data or config) is taken as fresh: the corrected rerun just starts.
+config.overwrite, which deletes the earlier run's outputs (CLEARED) first. A workdir without any
+training (a start that failed on its data or config) is taken as fresh: the corrected rerun just
+starts.
 config.overwrite never deletes a finished teacher export: it is kept (and reused) when its
 metadata fit the new config, and refused otherwise; config.overwrite_teacher=True deletes it.
 """
@@ -31,9 +32,12 @@ RETIRED_KEYS = ('shuffle_buffer',)
 ADDED_KEYS = {'data.class_names': '', 'data.val_fraction': 0.15, 'data.slide_column': '',
               'slide_level.labels': '', 'slide_level.patterns': '', 'slide_level.min_share': 0.05,
               'slide_level.min_tumour': 0.05}
-# Everything a run writes into its workdir (what config.overwrite clears).
-OUTPUTS = ('config.json', 'metrics.json', 'results.md', 'figures', 'tensorboard', 'checkpoints',
-           'teacher', 'student')
+# What a run leaves in a run directory besides config.json, in the order the end-of-run summary
+# lists it (a trailing '/' marks a directory; figures/ is shown by its Grad-CAM figure).
+OUTPUTS = ('metrics.json', 'results.md', 'figures/gradcam.png', 'tensorboard/', 'checkpoints/',
+           'teacher/', 'student/', 'data_split.csv')
+# What config.overwrite deletes: config.json and the top-level entry of every output.
+CLEARED = ('config.json',) + tuple(dict.fromkeys(o.split('/')[0] for o in OUTPUTS))
 
 
 def default_workdir(config_file: Optional[str], config) -> str:
@@ -202,10 +206,10 @@ def clear_workdir(config, workdir: str, quiet: bool = False):
 
 
 def _clear_run(run: str, keep_teacher: bool):
-  """Deletes OUTPUTS in one run directory (teacher/ kept if asked when it is finished)."""
+  """Deletes CLEARED in one run directory (teacher/ kept if asked when it is finished)."""
   for name in os.listdir(run):
     p = os.path.join(run, name)
-    if name not in OUTPUTS:
+    if name not in CLEARED:
       continue
     if keep_teacher and name == 'teacher' and checkpoints.is_finished_model(p):
       continue

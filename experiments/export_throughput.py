@@ -48,10 +48,10 @@ def runners(run_model, export_dir, batch_size):
   out = {}
   predictor = inference.Predictor(run_model, batch_size=batch_size)
   out['JAX (camkd_jax.inference.Predictor)'] = predictor.predict
-  session = ort.InferenceSession(os.path.join(export_dir, 'model.onnx'),
-                                 providers=['CPUExecutionProvider'])
+  ort_session = ort.InferenceSession(os.path.join(export_dir, 'model.onnx'),
+                                     providers=['CPUExecutionProvider'])
   out['ONNX Runtime (model.onnx)'] = lambda tiles: np.concatenate(
-      [session.run(['probabilities'], {'tiles': b})[0] for b in batches(tiles, batch_size)])
+      [ort_session.run(['probabilities'], {'tiles': b})[0] for b in batches(tiles, batch_size)])
   ts_path = os.path.join(export_dir, 'torchscript_model.pt')
   if os.path.isfile(ts_path):
     import torch  # pylint: disable=g-import-not-at-top

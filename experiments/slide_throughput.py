@@ -1,4 +1,4 @@
-r"""Whole-slide inference throughput (issue 13, section 6): teacher at 10x against a student at
+r"""Whole-slide inference throughput: teacher at 10x against a student at
 2.5x on the same synthetic slide, measured on this machine, plus a FLOP-based projection for a
 40,000 x 40,000 px slide at 10x on one H100.
 

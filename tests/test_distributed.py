@@ -1,4 +1,4 @@
-"""camkd_jax.distributed: settings, and multi-process data parallelism (issue 6): the real CLI as
+"""camkd_jax.distributed: settings, and multi-process data parallelism: the real CLI as
 two processes == one process.
 
 `python -m camkd_jax.main` runs as TWO processes on localhost (CPU backend, gloo collectives, two

@@ -89,7 +89,7 @@ x = jax.random.uniform(jax.random.PRNGKey(2), (2, 16, 16, 3), jnp.float64)
 _, _, mt = gradcam.gradcam(model, {'params': pt}, x, 'block4')
 def at(params):
   _, _, ms = gradcam.gradcam(model, {'params': params}, x, 'block4')
-  return losses.at_plus_loss(ms.astype(jnp.float64), mt)
+  return jnp.mean(losses.per_sample_rmse(losses.minmax_normalize(ms), losses.minmax_normalize(mt)))
 # The loss depends on params only through d logits / d A (second order) and A itself.
 check_grads(at, (p,), order=1, modes=('rev',), eps=1e-6, atol=1e-5, rtol=1e-4)
 # And the gradient through the Grad-CAM gradient alone is non-zero: freeze A, vary the tail.

@@ -1,5 +1,5 @@
 """camkd_jax.reporting: TensorBoard events, tables, seed summaries, results.md, format helpers;
-progress and outputs (issue 15, item 9): weighted loss lines, the whole-run ETA's step counts, no
+progress and outputs: weighted loss lines, the whole-run ETA's step counts, no
 TensorBoard step written twice after a resume, the summary's outputs, the Grad-CAM figure's
 examples (all classes) and panels (the student's map over the input it saw)."""
 import os
@@ -40,7 +40,7 @@ def test_markdown_table_and_rows():
           'student': {'val': {'balanced_accuracy': 0.5, 'kappa': 0.125},
                       'test': {'balanced_accuracy': 0.5, 'kappa': 0.0}, 'epoch': 2,
                       'magnification': 2.5}}
-  table = reporting.markdown_table(reporting.results_rows(runs))
+  table = reporting.markdown_table(reporting.results_rows(runs, 10.0))
   lines = table.strip().split('\n')
   assert lines[0].startswith('| model | magnification |')
   assert lines[2] == '| teacher | 10x | 0.5000 | 0.2500 | 0.7500 | - | 3 |'
@@ -72,8 +72,9 @@ def test_combine_seeds_mean_and_std():
       want.std(ddof=1))
   assert out['student']['test']['kappa'] == pytest.approx(want.mean())
   assert out['teacher']['epoch'] == [1, 1, 1] and out['student']['magnification'] == 2.5
-  table, rows = reporting.results_markdown(out)
+  table, rows = reporting.results_markdown(out, 10.0)
   assert len(rows) == 8 and 'student (mean ± sample std)' in table
+  assert rows[-2][:2] == ['teacher (mean ± sample std)', '10x'] and rows[-1][1] == '2.5x'
 
 
 def test_single_seed_metrics_are_kept_as_they_are():
@@ -88,12 +89,35 @@ def test_write_results_writes_results_md_and_prints_the_table(tmp_path, capsys):
   run = {'seeds': [22],
          'teacher': {'val': {'balanced_accuracy': 0.5, 'kappa': 0.25},
                      'test': {'balanced_accuracy': 0.75, 'kappa': 0.5}, 'epoch': 3}}
-  reporting.write_results(run, str(tmp_path))
+  reporting.write_results(run, str(tmp_path), 'kappa', 10.0)
   text = (tmp_path / 'results.md').read_text()
   assert text.startswith('# Results\n')
   assert '| teacher (seed 22) | 10x | 0.5000 | 0.2500 | 0.7500 | 0.5000 | 3 |' in text
+  assert 'selected on validation kappa (config.selection.metric=kappa;' in text
   out = capsys.readouterr().out
   assert 'teacher (seed 22)  10x' in out and f'outputs in {tmp_path}' in out
+
+
+def test_results_md_names_the_selection_metric_and_the_base_magnification(tmp_path, capsys):
+  """results.md says the metric the checkpoint was selected on and labels the teacher with the
+  run's config.base_magnification, both taken from the config rather than assumed."""
+  run = {'seeds': [22],
+         'teacher': {'val': {'balanced_accuracy': 0.5, 'kappa': 0.25},
+                     'test': {'balanced_accuracy': 0.75, 'kappa': 0.5}, 'epoch': 3},
+         'student': {'val': {'balanced_accuracy': 0.5, 'kappa': 0.125},
+                     'test': {'balanced_accuracy': 0.5, 'kappa': 0.0}, 'epoch': 2,
+                     'magnification': 5.0}}
+  reporting.write_results(run, str(tmp_path), 'balanced_accuracy', 20.0)
+  text = (tmp_path / 'results.md').read_text()
+  assert 'selected on validation balanced accuracy (config.selection.metric=balanced_accuracy;' \
+      in text and 'validation kappa' not in text
+  assert '| teacher (seed 22) | 20x |' in text and '| student (seed 22) | 5x |' in text
+  assert 'teacher (seed 22)  20x' in capsys.readouterr().out
+  runs = {'22': run, '32': run}
+  out = {'seeds': [22, 32], 'runs': runs, 'student': {'magnification': 5.0},
+         'summary': reporting.summarize_runs([run, run])}
+  _, rows = reporting.results_markdown(out, 20.0)
+  assert [r[1] for r in rows] == ['20x', '5x', '20x', '5x', '20x', '5x']
 
 
 def test_mean_std_cell():
@@ -171,7 +195,7 @@ def test_summary_lists_only_outputs_that_exist(tmp_path, capsys):
   out = {'seeds': [22], 'teacher': {'val': {'kappa': 0.5, 'balanced_accuracy': 0.5},
                                     'test': {'kappa': 0.25, 'balanced_accuracy': 0.5},
                                     'epoch': 1}}
-  reporting.write_results(out, str(run))
+  reporting.write_results(out, str(run), 'kappa', 10.0)
   last = capsys.readouterr().out.strip().splitlines()[-1]
   assert last == (f'outputs in {run}: metrics.json, results.md, tensorboard/, teacher/')
   for seed in ('seed_1', 'seed_2'):

@@ -1,4 +1,4 @@
-"""Composable saliency losses (issue 8): map x normalisation x distance, against NumPy float64."""
+"""Composable saliency losses: map x normalisation x distance, against NumPy float64."""
 import os
 import re
 import subprocess
@@ -14,7 +14,6 @@ from ml_collections import config_flags
 
 from camkd_jax import distill
 from camkd_jax import gradcam
-from camkd_jax import losses
 from camkd_jax import saliency
 from camkd_jax import train
 from camkd_jax.models import get_model
@@ -321,7 +320,7 @@ def _attn_config(**attention):
 
 X64_AT_PLUS = r'''
 import jax, jax.numpy as jnp, numpy as np
-from camkd_jax import distill, gradcam, losses, saliency
+from camkd_jax import distill, gradcam, saliency
 assert distill.StepConfig().saliency is saliency.DEFAULT and saliency.DEFAULT.layers == ('block5',)
 r = np.random.RandomState(0)
 def sal():
@@ -329,29 +328,29 @@ def sal():
                           {'block5': jnp.asarray(r.randn(4, 2, 3, 3, 5))})
 s, t = sal(), sal()
 got = saliency.DEFAULT.loss_fn(s, t, jnp.asarray([0, 1]))
-core = losses.at_plus_loss(gradcam.cam_plus(s.acts['block5'], s.grads['block5']),
-                           gradcam.cam_plus(t.acts['block5'], t.grads['block5']))
-assert got.dtype == jnp.float64 and core.dtype == jnp.float64, (got.dtype, core.dtype)
-print(repr(float(got)), repr(float(core)))
+assert got.dtype == jnp.float64, got.dtype
+print(repr(float(got)))
 '''
 
 
 def test_default_at_plus_stays_float64_under_x64(python_runner):
   """StepConfig's default saliency is the registry's reference AT+, and an x64 run keeps it in
-  float64 end to end (no float32 cast): the same value as losses.at_plus_loss in float64."""
-  got, core = python_runner(X64_AT_PLUS, {'JAX_ENABLE_X64': '1'}).split()
-  assert float(got) == float(core)
+  float64 end to end (no float32 cast): the NumPy float64 value to rounding."""
+  got = float(python_runner(X64_AT_PLUS, {'JAX_ENABLE_X64': '1'}))
+  r = np.random.RandomState(0)  # the script's draws, in its order
+  (sa, sg), (ta, tg) = [(r.randn(2, 3, 3, 5), r.randn(4, 2, 3, 3, 5)) for _ in range(2)]
+  want = np_distance('rmse', np_norm('minmax', np_map('gradcam_plus', sa, sg, None)),
+                     np_norm('minmax', np_map('gradcam_plus', ta, tg, None))).mean()
+  assert got == pytest.approx(want, rel=1e-12, abs=0)
 
 
-def test_default_combination_equals_core_at_plus(tiny):
-  """map gradcam_plus (all classes), minmax, rmse at block5 == losses.at_plus_loss on cam_plus."""
+def test_default_combination_is_the_reference_at_plus(tiny):
+  """The configured default (map gradcam_plus over all classes, minmax, rmse at block5) is the
+  paper's AT+ on a small model's real Grad-CAM: NumPy float64 formula."""
   spec = distill.StepConfig.from_config(_attn_config()).saliency
   assert spec.layers == ('block5',)
   s, t, labels = tiny['s'], tiny['t'], jnp.asarray(tiny['labels'])
   got = spec.loss_fn(s, t, labels)
-  core = losses.at_plus_loss(gradcam.cam_plus(s.acts['block5'], s.grads['block5']),
-                             gradcam.cam_plus(t.acts['block5'], t.grads['block5']))
-  assert float(got) == float(core)                                  # bit-identical
   ms = np_map('gradcam_plus', s.acts['block5'], s.grads['block5'], None)
   mt = np_map('gradcam_plus', t.acts['block5'], t.grads['block5'], None)
   want = np_distance('rmse', np_norm('minmax', ms), np_norm('minmax', mt)).mean()

@@ -61,3 +61,28 @@ def test_max_pool_2x2_equals_flax_max_pool_and_numpy():
     di, dj = np.unravel_index(np.argmax(win), win.shape)
     want_grad[b, 2 * i + di, 2 * j + dj, c] = g[b, i, j, c]
   np.testing.assert_array_equal(grad, want_grad)
+
+
+def test_register_model_adds_a_backbone_that_get_model_and_from_config_build(monkeypatch):
+  """A second backbone (VGG11, configuration "A") registered by name is built by get_model and
+  from_config, with the activations Grad-CAM reads; the registry is restored after the test."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  from camkd_jax import models  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(models, '_REGISTRY', dict(models._REGISTRY))
+  vgg11 = ((64,), (128,), (256, 256), (512, 512), (512, 512))
+  models.register_model('vgg11', lambda num_classes, width, dtype, **kw: vgg.VGG(
+      num_classes, width=width, dtype=dtype, channels=vgg11, **kw))
+  model = get_model('vgg11', 3, width=0.0625, input_mean=(0.5,) * 3, input_std=(0.25,) * 3)
+  x = jnp.zeros((1, 16, 16, 3))
+  logits, acts = jax.eval_shape(lambda: model.init_with_output(jax.random.PRNGKey(0), x)[0])
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))['params']
+  # torchvision vgg11.features: convolutions at indices 0, 3, 6, 8, 11, 13, 16, 18.
+  assert sorted(int(k.split('_')[1]) for k in params if k.startswith('features_')) == [
+      0, 3, 6, 8, 11, 13, 16, 18]
+  assert logits.shape == (1, 3) and acts['block5'].shape == (1, 1, 1, 32)
+  cfg = ml_collections.ConfigDict({'name': 'vgg11', 'width': 0.0625, 'dtype': 'float32',
+                                   'input_mean': (0.5,) * 3, 'input_std': (0.25,) * 3})
+  assert models.from_config(cfg, 3) == model
+  with pytest.raises(ValueError, match=r"known: \['vgg11', 'vgg16'\]"):
+    get_model('resnet50', 3)

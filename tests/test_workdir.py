@@ -158,6 +158,29 @@ def test_overwrite_keeps_and_reuses_a_fitting_teacher(tmp_path):
   assert workdir_lib.trained_teachers(str(workdir)) == [str(teacher)]
 
 
+def test_overwrite_clears_every_output_the_summary_lists(tmp_path):
+  """config.overwrite deletes each of workdir.OUTPUTS (data_split.csv included: a stale split
+  record must not survive into the new run), in the run and its seed directories; other files
+  stay."""
+  workdir = tmp_path / 'run'
+  workdir_lib.prepare_workdir(smoke_config(seeds='22,32'), str(workdir))
+  for run in (workdir, workdir / 'seed_22'):
+    (run / 'checkpoints' / 'student' / '3').mkdir(parents=True)
+    (run / 'data_split.csv').write_text('path,split\n')
+    (run / 'figures').mkdir()
+    (run / 'figures' / 'gradcam.png').write_bytes(b'png')
+    for name in ('metrics.json', 'results.md'):
+      (run / name).write_text('{}')
+  (workdir / 'notes.txt').write_text('mine')
+  workdir_lib.prepare_workdir(smoke_config(**{'seeds': '22,32', 'loss.at': 5.0,
+                                             'overwrite': True}), str(workdir))
+  for run in (workdir, workdir / 'seed_22'):
+    for name in ('data_split.csv', 'checkpoints', 'figures', 'metrics.json', 'results.md'):
+      assert not (run / name).exists(), run / name
+  assert (workdir / 'notes.txt').read_text() == 'mine'
+  assert 'data_split.csv' in workdir_lib.OUTPUTS and 'data_split.csv' in workdir_lib.CLEARED
+
+
 def test_overwrite_refuses_a_teacher_that_does_not_fit(tmp_path):
   workdir = tmp_path / 'run'
   workdir_lib.prepare_workdir(smoke_config(), str(workdir))
