@@ -312,6 +312,18 @@ def record_cell(args, workdir, cell, metrics, extra=None):
   errors.atomic_write(path, lambda f: json.dump(record, f, indent=1))
 
 
+def teacher_fingerprint(metrics):
+  """A short hash of a teacher's training history (per-epoch losses and metrics, full precision).
+
+  Students whose records carry the same fingerprint distilled from the same teacher: a paired
+  comparison needs that. A teacher retrained on another CPU (a resumed sweep) almost surely gets
+  another history, hence another fingerprint.
+  """
+  import hashlib  # pylint: disable=g-import-not-at-top
+  text = json.dumps(metrics['teacher'].get('history', []), sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def kappas(report):
   return {split: report[split]['kappa'] for split in SPLITS}
 
@@ -346,8 +358,10 @@ def sweep(args):
   """Runs every missing cell; returns {('teacher', seed) | (method, mag, seed): metrics}."""
   mags, methods, seeds = cells(args)
   check_store(args)
-  todo = [('teacher', None, s) for s in seeds] + [
-      (m, g, s) for s in seeds for g in mags for m in methods]
+  # Seed-major: a seed's teacher, then its students, so that the seeds finish one after another
+  # and a partial grid holds complete pairs (every method of a seed) as early as possible.
+  todo = [cell for s in seeds
+          for cell in [('teacher', None, s)] + [(m, g, s) for g in mags for m in methods]]
   k, n = worker_share(args.worker)
   tag = f'study w{k}' if n > 1 else 'study'
   dirs = [(os.path.join(args.workdir, f'teacher_s{seed}'), 'teacher') if method == 'teacher' else
@@ -371,6 +385,8 @@ def sweep(args):
       teacher = local[teacher_index[seed]]
       if method != 'teacher' and teacher is not None:  # the teacher it was distilled from
         extra['teacher_kappa'] = kappas(teacher['teacher'])
+      if teacher is not None:
+        extra['teacher_fingerprint'] = teacher_fingerprint(teacher)
       record_cell(args, dirs[i][0], todo[i], done[i], extra)
 
   t0 = time.time()
