@@ -201,7 +201,7 @@ def main():
     accs = [linear_baseline(train, evals[s], feats) for s in splits]
     print(f'logistic regression on {name:12s}: balanced acc '
           + ' '.join(f'{s} {a:.3f}' for s, a in zip(splits, accs)), flush=True)
-  for f in [int(v) for v in args.factors.split(',')]:
+  for f in [int(v) for v in args.factors.split(',') if v.strip()]:  # --factors= : no CNN
     t = time.time()
     r = train_cnn(args, data, train, evals, f)
     kappa = {s: metrics.quadratic_kappa(evals[s][1], r[s + '_pred'], data.num_classes)

@@ -12,7 +12,12 @@ every method a student, summarised as mean +/- std over seeds in RESULTS.md plus
   # a tiny grid (CI): two cells, a few steps
   python experiments/reproduce.py --magnifications=2.5 --methods=ce,fm_at --seeds=22 \
       --smoke --workdir=/tmp/study --out=/tmp/study/RESULTS.md
-  # compare saliency variants (issue 8): any config field can be set for every student
+  # the paired report (differences to CE within a seed, CIs, per-epoch validation kappa) from
+  # committed records alone: see experiments/RESULTS_paired.md for its full command
+  python experiments/reproduce.py --protocol=paper --magnifications=1.25 --methods=ce,at,fm_at \
+      --set=num_epochs=10 --set=teacher.num_epochs=2 --store=experiments/results/paired_cells_1.25x \
+      --workdir=/tmp/no_workdir --report_only --paired --out=/tmp/RESULTS_paired.md
+  # compare saliency variants: any config field can be set for every student
   python experiments/reproduce.py --methods=at --set=attention.map=gradcam_plus_target
 
 A cell whose workdir holds a finished metrics.json is not recomputed; an interrupted cell resumes
@@ -853,8 +858,9 @@ def plot(table, mags, methods, path):
     y = np.array([p[1][0] for p in pts])
     e = np.array([p[1][1] for p in pts])
     ax.errorbar(x, y, yerr=e, marker='o', capsize=3, label=METHOD_LABELS[method])
-  t = table[('teacher', None)]['test']['kappa']
-  ax.axhline(t[0], color='k', ls='--', label=f'teacher 10x ({t[0]:.3f})')
+  if ('teacher', None) in table:  # a partial grid may not have one yet
+    t = table[('teacher', None)]['test']['kappa']
+    ax.axhline(t[0], color='k', ls='--', label=f'teacher 10x ({t[0]:.3f})')
   ax.set_xscale('log', base=2)
   ax.set_xlim(min(xs) / 1.4, max(xs) * 1.4)
   ax.set_xticks(xs)
