@@ -118,6 +118,8 @@ def parse_args(argv=None):
                       'a shorter run is the prefix of a longer one (constant learning rate, data '
                       'order per (seed, epoch), augmentation per step)')
   p.add_argument('--intro', default='', help='markdown file put at the top of the report')
+  p.add_argument('--title', default='', help='the report\'s heading (default: Study results '
+                 '(DATASET))')
   return p.parse_args(argv)
 
 
@@ -587,8 +589,10 @@ def markdown(table, args, wall, mags, methods):
            for mag in mags for method in methods if (method, mag) in table]
   header = ['method', 'magnification', 'val bal. acc.', 'val kappa', 'test bal. acc.',
             'test kappa', 'n']
-  cmd = 'python experiments/reproduce.py ' + ' '.join(sys.argv[1:])
-  return (f'# Study results ({args.dataset})\n\n'
+  import shlex  # pylint: disable=g-import-not-at-top
+  cmd = 'python experiments/reproduce.py ' + shlex.join(sys.argv[1:])  # quoted: copy and run
+  title = args.title or f'Study results ({args.dataset})'
+  return (f'# {title}\n\n'
           f'Produced by `{cmd.strip()}` (mean ± sample std over seeds {args.seeds}; '
           f'the metrics of the checkpoint selected on validation kappa). Sweep wall time in this '
           f'invocation: {wall / 60:.1f} min (cells already finished are not recounted).\n\n'
