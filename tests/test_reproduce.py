@@ -351,3 +351,11 @@ def test_paired_report_from_the_committed_records(tmp_path):
   assert 'PARTIAL' not in text
   with open(tmp_path / 'R_differences.png', 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_completeness_names_a_partial_grid():
+  r = _reproduce_module()
+  done = {('teacher', None, 1): {}, ('ce', 2.5, 1): {}, ('at', 2.5, 1): {}}
+  assert r.completeness(done, [2.5], ['ce', 'at'], [1]) == ''
+  line = r.completeness(done, [2.5], ['ce', 'at'], [1, 2])
+  assert line.startswith('**PARTIAL**: 3 of 6 cells') and '3 still to run' in line
