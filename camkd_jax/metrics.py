@@ -83,6 +83,67 @@ def mean_std(values: Sequence[float]) -> Dict[str, float]:
   return {'mean': float(np.mean(v)), 'std': std}
 
 
+# ----------------------------------------------------------------------------- paired seeds
+# A paired comparison: for every seed, method and baseline share the teacher, the data order and
+# the augmentation stream, so their difference within a seed is the effect plus the noise that
+# does not cancel. These functions summarise the per-seed differences d_1..d_n.
+
+
+def paired_t(diffs: Sequence[float], level: float = 0.95) -> Dict[str, float]:
+  """Paired t on per-seed differences: mean, sample std, the `level` confidence interval
+  mean +/- t_{n-1} * std / sqrt(n) and the two-sided p-value of 'mean = 0' (scipy.stats.t).
+  Fewer than two differences: no interval (nan), as scipy gives."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  d = np.asarray(diffs, np.float64)
+  n = d.size
+  if n == 0:
+    raise ValueError('paired_t needs at least one difference')
+  mean = float(d.mean())
+  if n < 2:
+    return {'n': 1, 'mean': mean, 'std': float('nan'), 'lo': float('nan'), 'hi': float('nan'),
+            't': float('nan'), 'p': float('nan')}
+  std = float(d.std(ddof=1)) if np.ptp(d) > 0 else 0.0  # equal values: exactly 0, no round-off
+  se = std / math.sqrt(n)
+  half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * se
+  if se > 0:
+    t = mean / se
+    p = float(2 * stats.t.sf(abs(t), n - 1))
+  else:  # every seed the same difference: a point interval; t infinite unless it is 0
+    t = math.copysign(math.inf, mean) if mean else float('nan')
+    p = 0.0 if mean else float('nan')
+  return {'n': n, 'mean': mean, 'std': std, 'lo': mean - half, 'hi': mean + half, 't': t, 'p': p}
+
+
+def bootstrap_ci(diffs: Sequence[float], level: float = 0.95, resamples: int = 10000,
+                 seed: int = 0) -> Dict[str, float]:
+  """Percentile bootstrap interval of the mean difference over seeds: `resamples` draws of n
+  seeds with replacement from np.random.default_rng(seed) (one (resamples, n) integer array),
+  the mean of each, and their (1 - level) / 2 and (1 + level) / 2 quantiles (NumPy's default
+  linear interpolation). A fixed seed makes the interval reproducible."""
+  d = np.asarray(diffs, np.float64)
+  if d.size == 0:
+    raise ValueError('bootstrap_ci needs at least one difference')
+  idx = np.random.default_rng(seed).integers(0, d.size, (int(resamples), d.size))
+  means = d[idx].mean(axis=1)
+  lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+  return {'n': int(d.size), 'mean': float(d.mean()), 'lo': float(lo), 'hi': float(hi)}
+
+
+def wins(diffs: Sequence[float]) -> Dict[str, int]:
+  """How many seeds the method wins (d > 0), ties (d == 0) and loses (d < 0)."""
+  d = np.asarray(diffs, np.float64)
+  return {'wins': int((d > 0).sum()), 'ties': int((d == 0).sum()), 'losses': int((d < 0).sum())}
+
+
+def gap_closed(method: Sequence[float], baseline: Sequence[float],
+               teacher: Sequence[float]) -> float:
+  """Share of the teacher - baseline gap that the method closes, from paired per-seed values:
+  mean(method - baseline) / mean(teacher - baseline). nan when the mean gap is not positive."""
+  m, b, t = (np.asarray(v, np.float64) for v in (method, baseline, teacher))
+  gap = float((t - b).mean())
+  return float((m - b).mean()) / gap if gap > 0 else float('nan')
+
+
 def summarize(runs: Sequence[Mapping], keys=('balanced_accuracy', 'kappa', 'accuracy')):
   """Per split: {key_mean, key_std} (sample std) over runs, each {'val': {...}, 'test': {...}}."""
   out = {}

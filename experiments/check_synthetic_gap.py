@@ -9,6 +9,9 @@ the x16 average-pooled image.
   python experiments/check_synthetic_gap.py --model small --small_width 8 --epochs 8 \
       --factors 1,2,4,8                                  # the numbers in the README (~15 min)
   python experiments/check_synthetic_gap.py --model vgg  # VGG16 width 0.125 (slower)
+  # the `fine` variant's structure scale, chosen on validation (docs/data.md, "The fine variant")
+  python experiments/check_synthetic_gap.py --model small --small_width 16 --epochs 6 \
+      --factors 4,1 --structure_scale 0.5 --splits validation
 
 Uses camkd_jax.input_pipeline to load the data (balanced oversampling as in the reference) and
 camkd_jax.models.vgg for the network; no augmentation, no distillation.
@@ -17,6 +20,7 @@ import argparse
 import os
 import sys
 import time
+import types
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
@@ -31,7 +35,9 @@ from sklearn.metrics import confusion_matrix
 from sklearn.preprocessing import StandardScaler
 
 from camkd_jax import input_pipeline
+from camkd_jax import metrics
 from camkd_jax import ops
+from camkd_jax.datasets import synthetic_histology as sh
 from camkd_jax.models import vgg
 from configs import base as base_config
 
@@ -57,6 +63,29 @@ def load_split(data, split):
     images.append(b['image'][b['mask']])
     labels.append(b['label'][b['mask']])
   return np.concatenate(images), np.concatenate(labels)
+
+
+def in_memory(size, structure_scale, seed):
+  """The splits of builder config `size` at another structure_scale, drawn in memory with the
+  builder's labels and per-example seeds (what the builder would store: PNG is lossless), and a
+  stand-in for the pipeline's data object (balanced order per (seed, epoch), batch 32)."""
+  cfg = next(c for c in sh.SyntheticHistology.BUILDER_CONFIGS if c.name == size)
+  out = {}
+  for s, (split, n) in enumerate([('train', cfg.num_train), ('validation', cfg.num_validation),
+                                  ('test', cfg.num_test)]):
+    labels = sh.split_labels(n, cfg.seed, s)
+    out[split] = (np.stack([sh.render_patch(np.random.default_rng([cfg.seed, s, i]), int(y),
+                                            cfg.image_size, structure_scale)
+                            for i, y in enumerate(labels)]), labels.astype(np.int32))
+  batch = 32
+  steps = cfg.num_train // batch
+  data = types.SimpleNamespace(
+      num_classes=len(sh.CLASS_NAMES), class_names=list(sh.CLASS_NAMES),
+      image_size=cfg.image_size, steps_per_epoch=steps, global_batch_size=batch,
+      num_examples={k: len(v[1]) for k, v in out.items()},
+      train_order=lambda epoch: input_pipeline.epoch_order(out['train'][1], len(sh.CLASS_NAMES),
+                                                           seed, epoch, True, steps * batch))
+  return data, out
 
 
 def pooled(images, f):
@@ -121,6 +150,7 @@ def train_cnn(args, data, train, evals, factor):
     pred = np.concatenate([np.asarray(predict(params, x[i:i + 256]))
                            for i in range(0, len(x), 256)])
     out[split] = balanced_accuracy_score(y, pred)
+    out[split + '_pred'] = pred
     out[split + '_confusion'] = confusion_matrix(y, pred, labels=range(data.num_classes))
   out['final_loss'] = float(loss)
   return out
@@ -139,31 +169,47 @@ def main():
   p.add_argument('--standardize', type=int, default=1,
                  help='1: per-channel standardised inputs; 0: x / 255 as in the reference')
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--structure_scale', type=float, default=0.0,
+                 help='draw the splits in memory at this structure scale (0: read the builder)')
+  p.add_argument('--splits', default='validation,test',
+                 help='evaluated splits (choose parameters on validation only)')
   args = p.parse_args()
+  splits = args.splits.split(',')
 
   config = base_config.base_config('smoke=1' if args.size == 'smoke' else '')
   config.data.synthetic_size = args.size
   config.data.data_dir = args.data_dir
   config.seed = args.seed
   t0 = time.time()
-  data = input_pipeline.get_data(config, process_index=0, process_count=1)
-  train = load_split(data, 'train')
-  evals = {s: load_split(data, s) for s in ('validation', 'test')}
+  if args.structure_scale:
+    data, arrays = in_memory(args.size, args.structure_scale, args.seed)
+    train, evals = arrays['train'], {s: arrays[s] for s in splits}
+  else:
+    data = input_pipeline.get_data(config, process_index=0, process_count=1)
+    train = load_split(data, 'train')
+    evals = {s: load_split(data, s) for s in splits}
   print(f'data {args.size}: {data.num_examples}, image_size {data.image_size}, '
         f'loaded in {time.time() - t0:.0f}s; train class counts '
         f'{np.bincount(train[1], minlength=data.num_classes).tolist()}')
   mean_colour = lambda x: x.reshape(len(x), -1, 3).mean(1)
+  shares = [sh.class_spectrum_share(train[0], train[1], c) for c in (1 / 8, 1 / 4)]
+  print(f'share of the between-class spectral variance (train split) at periods <= 8 px: '
+        f'{shares[0]:.2f}, <= 4 px: {shares[1]:.2f}', flush=True)
   for name, feats in [('mean colour', mean_colour),
                       ('x16 pooled', lambda x: pooled(x, 16)),
                       ('x8 pooled', lambda x: pooled(x, 8))]:
-    accs = [linear_baseline(train, evals[s], feats) for s in ('validation', 'test')]
-    print(f'logistic regression on {name:12s}: balanced acc val {accs[0]:.3f} test {accs[1]:.3f}')
-  for f in [int(v) for v in args.factors.split(',')]:
+    accs = [linear_baseline(train, evals[s], feats) for s in splits]
+    print(f'logistic regression on {name:12s}: balanced acc '
+          + ' '.join(f'{s} {a:.3f}' for s, a in zip(splits, accs)), flush=True)
+  for f in [int(v) for v in args.factors.split(',') if v.strip()]:  # --factors= : no CNN
     t = time.time()
     r = train_cnn(args, data, train, evals, f)
-    print(f'{args.model} CE, factor x{f:<2d}: balanced acc val {r["validation"]:.3f} '
-          f'test {r["test"]:.3f} (final loss {r["final_loss"]:.3f}, {time.time() - t:.0f}s); '
-          f'test confusion (rows = true {data.class_names}) {r["test_confusion"].tolist()}',
+    kappa = {s: metrics.quadratic_kappa(evals[s][1], r[s + '_pred'], data.num_classes)
+             for s in splits}
+    print(f'{args.model} CE, factor x{f:<2d}: '
+          + ' '.join(f'{s} balanced acc {r[s]:.3f} kappa {kappa[s]:.3f}' for s in splits)
+          + f' (final loss {r["final_loss"]:.3f}, {time.time() - t:.0f}s); {splits[-1]} '
+          f'confusion (rows = true {data.class_names}) {r[splits[-1] + "_confusion"].tolist()}',
           flush=True)
 
 

@@ -12,7 +12,12 @@ every method a student, summarised as mean +/- std over seeds in RESULTS.md plus
   # a tiny grid (CI): two cells, a few steps
   python experiments/reproduce.py --magnifications=2.5 --methods=ce,fm_at --seeds=22 \
       --smoke --workdir=/tmp/study --out=/tmp/study/RESULTS.md
-  # compare saliency variants (issue 8): any config field can be set for every student
+  # the paired report (differences to CE within a seed, CIs, per-epoch validation kappa) from
+  # committed records alone: see experiments/RESULTS_paired.md for its full command
+  python experiments/reproduce.py --protocol=paper --magnifications=1.25 --methods=ce,at,fm_at \
+      --set=num_epochs=10 --set=teacher.num_epochs=2 --store=experiments/results/paired_cells_1.25x \
+      --workdir=/tmp/no_workdir --report_only --paired --out=/tmp/RESULTS_paired.md
+  # compare saliency variants: any config field can be set for every student
   python experiments/reproduce.py --methods=at --set=attention.map=gradcam_plus_target
 
 A cell whose workdir holds a finished metrics.json is not recomputed; an interrupted cell resumes
@@ -102,6 +107,19 @@ def parse_args(argv=None):
   p.add_argument('--worker', default='', help=argparse.SUPPRESS)  # 'k/N', set by --workers
   p.add_argument('--teacher_wait_s', type=float, default=7200.0,
                  help="how long a worker's student cell waits for its seed's teacher")
+  p.add_argument('--paired', action='store_true',
+                 help='add the paired report: per-seed rows, differences method - CE within a '
+                      'seed (mean, 95%% CI by bootstrap over seeds and by paired t, wins, share '
+                      'of the teacher - CE gap closed), validation kappa per epoch, and a plot '
+                      'of the per-seed differences (<out>_differences.png)')
+  p.add_argument('--select_epochs', type=int, default=0, metavar='N',
+                 help='report every student as if it had been trained N epochs: the epoch '
+                      'selected on validation among its first N (the same rule). Exact because '
+                      'a shorter run is the prefix of a longer one (constant learning rate, data '
+                      'order per (seed, epoch), augmentation per step)')
+  p.add_argument('--intro', default='', help='markdown file put at the top of the report')
+  p.add_argument('--title', default='', help='the report\'s heading (default: Study results '
+                 '(DATASET))')
   return p.parse_args(argv)
 
 
@@ -312,6 +330,25 @@ def record_cell(args, workdir, cell, metrics, extra=None):
   errors.atomic_write(path, lambda f: json.dump(record, f, indent=1))
 
 
+def teacher_fingerprint(metrics):
+  """A short hash of a teacher's training history (per-epoch losses and metrics, full precision).
+
+  Students whose records carry the same fingerprint distilled from the same teacher: a paired
+  comparison needs that. A teacher retrained on another CPU (a resumed sweep) almost surely gets
+  another history, hence another fingerprint.
+  """
+  import hashlib  # pylint: disable=g-import-not-at-top
+  text = json.dumps(metrics['teacher'].get('history', []), sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cell_dir(args, cell):
+  """The workdir of a cell: teacher_s22, at_m1.25_s22, ..."""
+  method, mag, seed = cell
+  name = f'teacher_s{seed}' if method == 'teacher' else f'{method}_m{mag:g}_s{seed}'
+  return os.path.join(args.workdir, name)
+
+
 def kappas(report):
   return {split: report[split]['kappa'] for split in SPLITS}
 
@@ -346,13 +383,14 @@ def sweep(args):
   """Runs every missing cell; returns {('teacher', seed) | (method, mag, seed): metrics}."""
   mags, methods, seeds = cells(args)
   check_store(args)
-  todo = [('teacher', None, s) for s in seeds] + [
-      (m, g, s) for s in seeds for g in mags for m in methods]
+  # Seed-major: a seed's teacher, then its students, so that the seeds finish one after another
+  # and a partial grid holds complete pairs (every method of a seed) as early as possible.
+  todo = [cell for s in seeds
+          for cell in [('teacher', None, s)] + [(m, g, s) for g in mags for m in methods]]
   k, n = worker_share(args.worker)
   tag = f'study w{k}' if n > 1 else 'study'
-  dirs = [(os.path.join(args.workdir, f'teacher_s{seed}'), 'teacher') if method == 'teacher' else
-          (os.path.join(args.workdir, f'{method}_m{mag:g}_s{seed}'), 'student')
-          for method, mag, seed in todo]
+  dirs = [(cell_dir(args, cell), 'teacher' if cell[0] == 'teacher' else 'student')
+          for cell in todo]
   # A cell is done when its workdir or the store holds its metrics. A teacher is also trained
   # when it is only in the store but one of its students still has to be trained (they need its
   # checkpoint). Every worker computes the same plan.
@@ -371,6 +409,8 @@ def sweep(args):
       teacher = local[teacher_index[seed]]
       if method != 'teacher' and teacher is not None:  # the teacher it was distilled from
         extra['teacher_kappa'] = kappas(teacher['teacher'])
+      if teacher is not None:
+        extra['teacher_fingerprint'] = teacher_fingerprint(teacher)
       record_cell(args, dirs[i][0], todo[i], done[i], extra)
 
   t0 = time.time()
@@ -549,8 +589,10 @@ def markdown(table, args, wall, mags, methods):
            for mag in mags for method in methods if (method, mag) in table]
   header = ['method', 'magnification', 'val bal. acc.', 'val kappa', 'test bal. acc.',
             'test kappa', 'n']
-  cmd = 'python experiments/reproduce.py ' + ' '.join(sys.argv[1:])
-  return (f'# Study results ({args.dataset})\n\n'
+  import shlex  # pylint: disable=g-import-not-at-top
+  cmd = 'python experiments/reproduce.py ' + shlex.join(sys.argv[1:])  # quoted: copy and run
+  title = args.title or f'Study results ({args.dataset})'
+  return (f'# {title}\n\n'
           f'Produced by `{cmd.strip()}` (mean ± sample std over seeds {args.seeds}; '
           f'the metrics of the checkpoint selected on validation kappa). Sweep wall time in this '
           f'invocation: {wall / 60:.1f} min (cells already finished are not recounted).\n\n'
@@ -574,6 +616,236 @@ def per_seed_markdown(results, mags, methods, seeds):
           + reporting.markdown_table(rows, header))
 
 
+# ----------------------------------------------------------------------------- paired report
+BASELINE = 'ce'
+PAIRED_METRIC = ('test', 'kappa')  # the per-seed value compared (split, metric)
+
+
+def select_within(report, epochs, min_delta):
+  """`report` (a stage's metrics: history of every epoch) as if the stage had stopped after
+  `epochs` epochs: the selection rule of the run (metrics_lib.improved on validation kappa) over
+  the first `epochs` entries. A run shorter than that is returned as it is."""
+  history = report.get('history') or []
+  if len(history) <= epochs:
+    return report
+  best = None
+  for entry in history[:epochs]:
+    if metrics_lib.improved(entry['val']['kappa'], None if best is None else best['val']['kappa'],
+                            min_delta):
+      best = entry
+  return {**report, 'val': best['val'], 'test': best['test'], 'epoch': best['epoch'],
+          'step': best['step'], 'train': best['train'], 'history': history[:epochs]}
+
+
+def select_epochs(args, results):
+  """--select_epochs=N: every student's metrics re-selected within its first N epochs."""
+  out = {}
+  for cell, metrics in results.items():
+    if cell[0] == 'teacher':
+      out[cell] = metrics
+      continue
+    config = method_config(cell[0], config_arg(args, cell[1]), cell[2], args.set)
+    min_delta = float(config.selection.min_delta)
+    out[cell] = {**metrics, 'student': select_within(metrics['student'], args.select_epochs,
+                                                     min_delta)}
+  return out
+
+
+def teacher_fingerprints(args, results):
+  """{cell: fingerprint of the teacher it was distilled from (a teacher: its own)}: from the
+  cell's store record when there is one, else from the seed's teacher in `results`."""
+  out = {}
+  for cell in results:
+    fp = None
+    if args.store:
+      path = store_record_path(args.store, cell_dir(args, cell))
+      if os.path.exists(path):
+        with open(path) as f:
+          fp = json.load(f).get('teacher_fingerprint')
+    if fp is None and ('teacher', None, cell[2]) in results:
+      fp = teacher_fingerprint(results[('teacher', None, cell[2])])
+    out[cell] = fp
+  return out
+
+
+def _value(metrics, key='student'):
+  split, metric = PAIRED_METRIC
+  return float(metrics[key][split][metric])
+
+
+def paired_table(results, fingerprints, mags, methods, seeds):
+  """{(method, mag): {'seeds', 'method', 'baseline', 'teacher'}} over the seeds where the method,
+  CE and the teacher are all finished and the method and CE distilled from the same teacher; and
+  the (method, mag, seed) cells left out because their teacher differs from CE's."""
+  pairs, mismatched = {}, []
+  for mag in mags:
+    for method in methods:
+      if method == BASELINE:
+        continue
+      rows = {'seeds': [], 'method': [], 'baseline': [], 'teacher': []}
+      for seed in seeds:
+        m, b, t = (method, mag, seed), (BASELINE, mag, seed), ('teacher', None, seed)
+        if not all(c in results for c in (m, b, t)):
+          continue
+        if fingerprints.get(m) != fingerprints.get(b):
+          mismatched.append(m)
+          continue
+        rows['seeds'].append(seed)
+        rows['method'].append(_value(results[m]))
+        rows['baseline'].append(_value(results[b]))
+        rows['teacher'].append(_value(results[t], 'teacher'))
+      if rows['seeds']:
+        pairs[(method, mag)] = rows
+  return pairs, mismatched
+
+
+def difference_stats(rows, resamples=10000, seed=0):
+  """The summary of one method's per-seed differences method - CE."""
+  d = np.subtract(rows['method'], rows['baseline'])
+  t = metrics_lib.paired_t(d)
+  boot = metrics_lib.bootstrap_ci(d, resamples=resamples, seed=seed)
+  return {'n': len(d), 'diffs': d.tolist(), 't': t, 'bootstrap': boot,
+          'wins': metrics_lib.wins(d),
+          'gap_closed': metrics_lib.gap_closed(rows['method'], rows['baseline'], rows['teacher']),
+          'baseline_mean': float(np.mean(rows['baseline'])),
+          'teacher_mean': float(np.mean(rows['teacher']))}
+
+
+def _signed(x):
+  return 'n/a' if not np.isfinite(x) else f'{x:+.3f}'
+
+
+def paired_markdown(results, fingerprints, mags, methods, seeds):
+  """The paired sections: per-seed rows, the difference table, validation kappa per epoch."""
+  pairs, mismatched = paired_table(results, fingerprints, mags, methods, seeds)
+  split, metric = PAIRED_METRIC
+  out = [f'\n## Paired comparison: {split} {metric}, method - CE within a seed\n',
+         'Every method of a seed distils from the same teacher checkpoint (its fingerprint is '
+         'checked) with the same data order and augmentation stream, so the difference within a '
+         'seed cancels the teacher and the data. CI: 95 % percentile bootstrap over seeds '
+         '(10,000 resamples, generator seed 0) and paired t (t distribution with n - 1 degrees '
+         'of freedom). Share of the gap closed: mean(method - CE) / mean(teacher - CE).\n']
+  if mismatched:
+    out.append('Left out (distilled from another teacher than CE of the same seed): '
+               + ', '.join(f'{METHOD_LABELS[m]} {g:g}x seed {s}' for m, g, s in mismatched)
+               + '.\n')
+  rows, stats = [], {}
+  for (method, mag), r in pairs.items():
+    st = stats[(method, mag)] = difference_stats(r)
+    t, b, w = st['t'], st['bootstrap'], st['wins']
+    ci = lambda lo, hi: 'n/a' if not np.isfinite(lo) else f'[{lo:+.3f}, {hi:+.3f}]'
+    rows.append([f'{METHOD_LABELS[method]} - CE', f'{mag:g}x', str(st['n']), _signed(t['mean']),
+                 ci(b['lo'], b['hi']), ci(t['lo'], t['hi']),
+                 'n/a' if not np.isfinite(t['p']) else f'{t["p"]:.3f}',
+                 f'{w["wins"]} / {st["n"]}', f'{st["baseline_mean"]:.3f}',
+                 f'{st["teacher_mean"]:.3f}',
+                 'n/a' if not np.isfinite(st['gap_closed']) else f'{100 * st["gap_closed"]:.0f} %'])
+  if rows:
+    out.append(reporting.markdown_table(rows, [
+        'difference', 'magnification', 'seeds', 'mean', '95 % CI (bootstrap)', '95 % CI (t)',
+        'p (t)', 'wins', 'CE mean', 'teacher mean', 'gap closed']))
+  else:
+    out.append('No seed has both CE and another method finished yet.\n')
+  # Per-seed rows: every method's value and selected epoch, the differences.
+  for mag in mags:
+    have = [s for s in seeds if (BASELINE, mag, s) in results]
+    if not have:
+      continue
+    others = [m for m in methods if m != BASELINE]
+    header = ['seed', 'teacher'] + [METHOD_LABELS[m] for m in methods] + [
+        f'{METHOD_LABELS[m]} - CE' for m in others]
+    body = []
+    for s in seeds:
+      t = results.get(('teacher', None, s))
+      cells = [str(s), '-' if t is None else f'{_value(t, "teacher"):.3f}']
+      for m in methods:
+        r = results.get((m, mag, s))
+        cells.append('-' if r is None else
+                     f'{_value(r):.3f} (e{r["student"]["epoch"]})')
+      for m in others:
+        ok = pairs.get((m, mag)) and s in pairs[(m, mag)]['seeds']
+        cells.append(_signed(_value(results[(m, mag, s)]) - _value(results[(BASELINE, mag, s)]))
+                     if ok else '-')
+      if any(c != '-' for c in cells[2:]):
+        body.append(cells)
+    out.append(f'\nPer seed at {mag:g}x: {split} {metric} of the selected checkpoint (its epoch '
+               'in brackets) and the differences to CE:\n\n'
+               + reporting.markdown_table(body, header))
+  out.append(epoch_markdown(results, mags, methods, seeds))
+  return '\n'.join(out), stats
+
+
+def epoch_markdown(results, mags, methods, seeds):
+  """Validation kappa after every epoch of every student (the selected one in bold) and how
+  often the selected epoch is the last one."""
+  rows, last, total, width = [], 0, 0, 0
+  for mag in mags:
+    for m in methods:
+      for s in seeds:
+        r = results.get((m, mag, s))
+        if r is None:
+          continue
+        h = r['student'].get('history') or []
+        sel = r['student']['epoch']
+        width = max(width, len(h))
+        rows.append([METHOD_LABELS[m], f'{mag:g}x', str(s)] + [
+            f'**{e["val"]["kappa"]:.3f}**' if e['epoch'] == sel else f'{e["val"]["kappa"]:.3f}'
+            for e in h] + [str(sel)])
+        total += 1
+        last += sel == len(h)
+  if not rows:
+    return ''
+  rows = [r[:3] + r[3:-1] + [''] * (width + 4 - len(r)) + r[-1:] for r in rows]
+  header = ['method', 'magnification', 'seed'] + [f'e{k}' for k in range(1, width + 1)] + [
+      'selected']
+  return (f'\nValidation kappa after every epoch (selected epoch in bold; the rule: the first '
+          f'epoch sets the best, a later one must beat it by more than min_delta). The selected '
+          f'epoch is the last one for {last} of {total} students.\n\n'
+          + reporting.markdown_table(rows, header))
+
+
+def plot_differences(stats, path):
+  """Per-seed differences method - CE (dots), their mean and paired-t 95 % CI (bar)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  keys = list(stats)
+  fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(keys) + 2), 4.0))
+  rng = np.random.default_rng(0)  # horizontal jitter of the dots only
+  for x, key in enumerate(keys):
+    st = stats[key]
+    d = np.asarray(st['diffs'])
+    ax.scatter(x + rng.uniform(-0.12, 0.12, d.size), d, s=18, alpha=0.7, color='C0')
+    t = st['t']
+    if np.isfinite(t['lo']):
+      ax.errorbar(x + 0.25, t['mean'], yerr=[[t['mean'] - t['lo']], [t['hi'] - t['mean']]],
+                  fmt='s', color='C3', capsize=4)
+    else:
+      ax.plot(x + 0.25, t['mean'], 's', color='C3')
+  ax.axhline(0.0, color='k', lw=0.8)
+  ax.set_xticks(range(len(keys)))
+  ax.set_xticklabels([f'{METHOD_LABELS[m]}\n{g:g}x' for m, g in keys], fontsize=8)
+  split, metric = PAIRED_METRIC
+  ax.set_ylabel(f'{split} {metric}: method - CE (same seed)')
+  ax.set_title('per-seed differences (dots), mean and 95 % CI (paired t)', fontsize=9)
+  ax.grid(alpha=0.3, axis='y')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def completeness(results, mags, methods, seeds):
+  """'' when every cell of the grid is finished, else a PARTIAL line naming what is missing."""
+  grid = [c for s in seeds
+          for c in [('teacher', None, s)] + [(m, g, s) for g in mags for m in methods]]
+  missing = [c for c in grid if c not in results]
+  if not missing:
+    return ''
+  return (f'**PARTIAL**: {len(grid) - len(missing)} of {len(grid)} cells of the grid are '
+          f'finished; {len(missing)} still to run (the command without --report_only resumes '
+          'them).\n\n')
+
+
 def plot(table, mags, methods, path):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
@@ -590,8 +862,9 @@ def plot(table, mags, methods, path):
     y = np.array([p[1][0] for p in pts])
     e = np.array([p[1][1] for p in pts])
     ax.errorbar(x, y, yerr=e, marker='o', capsize=3, label=METHOD_LABELS[method])
-  t = table[('teacher', None)]['test']['kappa']
-  ax.axhline(t[0], color='k', ls='--', label=f'teacher 10x ({t[0]:.3f})')
+  if ('teacher', None) in table:  # a partial grid may not have one yet
+    t = table[('teacher', None)]['test']['kappa']
+    ax.axhline(t[0], color='k', ls='--', label=f'teacher 10x ({t[0]:.3f})')
   ax.set_xscale('log', base=2)
   ax.set_xlim(min(xs) / 1.4, max(xs) * 1.4)
   ax.set_xticks(xs)
@@ -621,13 +894,27 @@ def main(argv=None):
     results, wall = sweep(args)
   if args.worker:
     return None  # the parent writes the report once every worker is done
+  if args.select_epochs:
+    results = select_epochs(args, results)
   table = aggregate(results)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   plot_path = args.plot or os.path.splitext(args.out)[0] + '_kappa.png'
   plot(table, mags, methods, plot_path)
   text = markdown(table, args, wall, mags, methods)
+  if args.intro and os.path.exists(args.intro):
+    with open(args.intro) as f:
+      text = text.replace('\n\n', '\n\n' + f.read().strip() + '\n\n', 1)
+  text = text.replace('\n\n', '\n\n' + completeness(results, mags, methods, seeds), 1)
   text += per_seed_markdown(results, mags, methods, seeds)
   text += f'\n![test kappa vs magnification]({os.path.basename(plot_path)})\n'
+  if args.paired:
+    paired, stats = paired_markdown(results, teacher_fingerprints(args, results), mags, methods,
+                                    seeds)
+    text += paired
+    if stats:
+      diff_path = os.path.splitext(args.out)[0] + '_differences.png'
+      plot_differences(stats, diff_path)
+      text += f'\n![per-seed differences to CE]({os.path.basename(diff_path)})\n'
   if args.notes and os.path.exists(args.notes):
     with open(args.notes) as f:
       text += '\n' + f.read()

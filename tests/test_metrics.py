@@ -121,3 +121,70 @@ def test_loss_means_independent_of_grouping_and_serialisable():
   want = np.mean(np.asarray([float(s['loss/ce']) for s in steps], np.float64))
   assert a.means()['loss/ce'] == pytest.approx(want, rel=1e-12)
   assert metrics.LossMeans().means() == {}
+
+
+# ----------------------------------------------------------------------------- paired seeds
+# Four seeds, method a and baseline b: d = a - b = (0.08, -0.02, 0.09, 0.04).
+PAIRED_A = [0.80, 0.75, 0.90, 0.70]
+PAIRED_B = [0.72, 0.77, 0.81, 0.66]
+
+
+def test_paired_t_by_hand_and_against_scipy():
+  from scipy import stats
+  d = np.subtract(PAIRED_A, PAIRED_B)
+  out = metrics.paired_t(d)
+  # By hand: mean 0.19 / 4 = 0.0475; squared deviations 0.0325^2 + 0.0675^2 + 0.0425^2 +
+  # 0.0075^2 = 0.007475, / 3 -> std 0.0499166; se = std / 2 = 0.0249583; t = 1.90317;
+  # t_{3, 0.975} = 3.18245 -> half-width 0.079428.
+  assert out['n'] == 4 and out['mean'] == pytest.approx(0.0475, abs=1e-12)
+  assert out['std'] == pytest.approx(np.sqrt(0.007475 / 3), rel=1e-9)
+  assert out['t'] == pytest.approx(0.0475 / (np.sqrt(0.007475 / 3) / 2), rel=1e-9)
+  assert out['lo'] == pytest.approx(0.0475 - 0.079428, abs=2e-6)
+  assert out['hi'] == pytest.approx(0.0475 + 0.079428, abs=2e-6)
+  ref = stats.ttest_rel(PAIRED_A, PAIRED_B)
+  ci = ref.confidence_interval(0.95)
+  assert out['t'] == pytest.approx(ref.statistic, rel=1e-12)
+  assert out['p'] == pytest.approx(ref.pvalue, rel=1e-12)
+  assert (out['lo'], out['hi']) == pytest.approx((ci.low, ci.high), rel=1e-12)
+  # Another level, also scipy's.
+  ci90 = ref.confidence_interval(0.90)
+  out90 = metrics.paired_t(d, level=0.90)
+  assert (out90['lo'], out90['hi']) == pytest.approx((ci90.low, ci90.high), rel=1e-12)
+
+
+def test_paired_t_degenerate_cases():
+  one = metrics.paired_t([0.1])
+  assert one['mean'] == 0.1 and np.isnan(one['lo']) and np.isnan(one['p'])
+  same = metrics.paired_t([0.05, 0.05, 0.05])
+  assert same['lo'] == same['hi'] == pytest.approx(0.05) and same['p'] == 0.0
+  with pytest.raises(ValueError):
+    metrics.paired_t([])
+
+
+def test_bootstrap_ci_by_hand_with_a_fixed_seed():
+  d = [0.1, -0.2, 0.4]
+  # np.random.default_rng(0).integers(0, 3, (4, 3)) draws the rows (2, 1, 1), (0, 0, 0),
+  # (0, 0, 0), (2, 1, 2): resample means 0.0, 0.1, 0.1, 0.2. Linear quantiles of the 4 sorted
+  # means: 2.5 % at position 3 * 0.025 = 0.075 -> 0.0 + 0.075 * 0.1 = 0.0075; 97.5 % at 2.925
+  # -> 0.1 + 0.925 * 0.1 = 0.1925.
+  np.testing.assert_array_equal(np.random.default_rng(0).integers(0, 3, (4, 3)),
+                                [[2, 1, 1], [0, 0, 0], [0, 0, 0], [2, 1, 2]])
+  out = metrics.bootstrap_ci(d, resamples=4, seed=0)
+  assert out['n'] == 3 and out['mean'] == pytest.approx(0.1)
+  assert out['lo'] == pytest.approx(0.0075, abs=1e-12)
+  assert out['hi'] == pytest.approx(0.1925, abs=1e-12)
+  # Reproducible with its seed; many resamples of 30 values approach the normal interval.
+  assert metrics.bootstrap_ci(d, seed=3) == metrics.bootstrap_ci(d, seed=3)
+  x = np.random.default_rng(1).normal(0.05, 0.1, 30)
+  big = metrics.bootstrap_ci(x, resamples=20000, seed=0)
+  half = 1.96 * x.std(ddof=0) / np.sqrt(30)
+  assert big['lo'] == pytest.approx(x.mean() - half, abs=0.006)
+  assert big['hi'] == pytest.approx(x.mean() + half, abs=0.006)
+
+
+def test_wins_and_gap_closed():
+  assert metrics.wins([0.1, -0.2, 0.0, 0.3]) == {'wins': 2, 'ties': 1, 'losses': 1}
+  # Teacher 1.0, CE 0.7 and 0.8 (gap 0.3 and 0.2, mean 0.25); method +0.1 and +0.05 (mean 0.075)
+  # -> 0.075 / 0.25 = 30 %.
+  assert metrics.gap_closed([0.8, 0.85], [0.7, 0.8], [1.0, 1.0]) == pytest.approx(0.3)
+  assert np.isnan(metrics.gap_closed([0.8], [1.0], [1.0]))

@@ -25,6 +25,12 @@ the clipping point. The mean colour of an image, or of any block much larger tha
 not tell the class (checked with linear classifiers on the mean colour and on the x16 / x8
 average-pooled image). Pixel-level statistics (e.g. the histogram) do differ: they are fine-scale.
 
+The `fine` builder config (`config.data.synthetic_size = 'fine'`) draws the same patches with
+every length of the class structures (glands, lumens, nuclei, their spacings) halved
+(`structure_scale`; stroma, region and colours unchanged): the class evidence moves to periods of
+a few pixels, so the 2.5x student's 4 x 4 pool destroys about as much of it as the 1.25x
+student's 8 x 8 pool does on the default data (docs/data.md, "The fine variant").
+
 Determinism: example i of split s is drawn from np.random.default_rng([seed, s, i]); the labels of a
 split are a fixed permutation of a fixed count vector, so every build gives the same bytes.
 """
@@ -61,6 +67,7 @@ class SyntheticHistologyConfig(tfds.core.BuilderConfig):
   num_validation: int = 400
   num_test: int = 400
   seed: int = 0
+  structure_scale: float = 1.0  # lengths of the class structures (render_patch); fine: < 1
 
 
 def split_labels(n, seed, split_index):
@@ -168,7 +175,7 @@ def _jittered_grid(rng, region, spacing, jitter):
   return pts[region[iy[ok], ix[ok]] > 0.5]
 
 
-def _dart_glands(rng, region_info, radius_range, ring, max_glands, tries=60):
+def _dart_glands(rng, region_info, radius_range, ring, max_glands, tries=60, gap=1.0):
   """Non-overlapping gland centres inside the region (rejection sampling)."""
   cy, cx, r = region_info
   glands = []
@@ -181,7 +188,7 @@ def _dart_glands(rng, region_info, radius_range, ring, max_glands, tries=60):
     reach = r
     rho, phi = reach * np.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)
     y, x = cy + rho * np.sin(phi), cx + rho * np.cos(phi)
-    if all(np.hypot(y - gy, x - gx) > gr + g + 2 * ring + 1.0 for gy, gx, g in glands):
+    if all(np.hypot(y - gy, x - gx) > gr + g + 2 * ring + gap for gy, gx, g in glands):
       glands.append((y, x, gr))
   return glands
 
@@ -230,15 +237,29 @@ G3_GLANDS = dict(radius=(1.9, 2.5), wavy=0.05, max_glands=12, nucleus=(1.2, 1.2)
                  ring_spacing=2.6, ring_offset=1.6, fill_spacing=4.6, fill_nucleus=(1.1, 1.1))
 
 
+def _scaled_glands(p, scale):
+  """The gland geometry `p` with every length times `scale` (and room for 1 / scale^2 as many
+  glands); scale 1 returns `p`'s values unchanged."""
+  if scale == 1.0:
+    return dict(p, tries=60, gap=1.0, jitter=1.2)
+  lengths = ('radius', 'nucleus', 'ring_spacing', 'ring_offset', 'fill_spacing', 'fill_nucleus')
+  out = {k: (tuple(scale * v for v in p[k]) if isinstance(p[k], tuple) else scale * p[k])
+         if k in lengths else p[k] for k in p}
+  more = 1.0 / scale ** 2
+  out.update(max_glands=int(round(p['max_glands'] * more)), tries=int(round(60 * more)),
+             gap=scale, jitter=1.2 * scale)
+  return out
+
+
 def _glands(rng, size, yy, xx, region, info, p):
   """Glands (lumen + ring of nuclei) with scattered nuclei between them."""
   glands = _dart_glands(rng, info, p['radius'], p['ring_offset'] + p['nucleus'][0],
-                        p['max_glands'])
+                        p['max_glands'], p['tries'], p['gap'])
   lumens, c, axes, ang = _gland_rings(rng, glands, p['wavy'], p['nucleus'], p['ring_spacing'],
                                       p['ring_offset'])
   lumen = _lumen_mask(yy, xx, lumens, p['wavy'])
   # Scattered nuclei between the glands keep the purple fraction level with the other classes.
-  extra = _jittered_grid(rng, region, p['fill_spacing'], 1.2)
+  extra = _jittered_grid(rng, region, p['fill_spacing'], p['jitter'])
   if len(extra):
     far = lumen[np.clip(extra[:, 0].astype(int), 0, size - 1),
                 np.clip(extra[:, 1].astype(int), 0, size - 1)] < 0.01
@@ -250,30 +271,36 @@ def _glands(rng, size, yy, xx, region, info, p):
   return lumen, _ellipses(size, c, axes, ang) * (1 - lumen), np.zeros_like(yy)
 
 
-def _class_structure(rng, label, yy, xx, region, info):
-  """(lumen, nuclei, halo) soft masks of the epithelial region for class `label`."""
+def _class_structure(rng, label, yy, xx, region, info, scale=1.0):
+  """(lumen, nuclei, halo) soft masks of the epithelial region for class `label`; every length
+  of the class's structures (glands, lumens, nuclei, spacings) is multiplied by `scale`."""
   size = yy.shape[0]
+  s = scale
   if label == 0:  # NC: benign glands, wavy (papillary) lumens, flat (elongated) nuclei
-    return _glands(rng, size, yy, xx, region, info, NC_GLANDS)
+    return _glands(rng, size, yy, xx, region, info, _scaled_glands(NC_GLANDS, s))
   if label == 1:  # G3: many small, round, well-formed glands with round nuclei
-    return _glands(rng, size, yy, xx, region, info, G3_GLANDS)
+    return _glands(rng, size, yy, xx, region, info, _scaled_glands(G3_GLANDS, s))
   if label == 2:  # G4: cribriform, tiny punched-out lumens in a sheet of dense nuclei
-    holes = _jittered_grid(rng, region, 4.2, 0.5)
-    lumen = _disks(size, holes, rng.uniform(1.0, 1.4, len(holes)))
-    nuc = _jittered_grid(rng, region, 2.9, 0.5)
-    nuclei = _disks(size, nuc, rng.uniform(0.8, 1.05, len(nuc)))
+    holes = _jittered_grid(rng, region, 4.2 * s, 0.5 * s)
+    lumen = _disks(size, holes, s * rng.uniform(1.0, 1.4, len(holes)))
+    nuc = _jittered_grid(rng, region, 2.9 * s, 0.5 * s)
+    nuclei = _disks(size, nuc, s * rng.uniform(0.8, 1.05, len(nuc)))
     return lumen, nuclei * (1 - lumen), np.zeros_like(yy)
   # G5: solid sheet of large pleomorphic nuclei, each with a thin clear halo
-  pts = _jittered_grid(rng, region, 5.0, 0.8)
-  axes = np.stack([rng.uniform(1.5, 2.2, len(pts)), rng.uniform(1.2, 1.7, len(pts))], 1)
+  pts = _jittered_grid(rng, region, 5.0 * s, 0.8 * s)
+  axes = s * np.stack([rng.uniform(1.5, 2.2, len(pts)), rng.uniform(1.2, 1.7, len(pts))], 1)
   ang = rng.uniform(0, np.pi, len(pts))
   nuclei = _ellipses(size, pts, axes, ang)
-  halo = _ellipses(size, pts, axes + 0.9, ang) * (1 - nuclei)
+  halo = _ellipses(size, pts, axes + 0.9 * s, ang) * (1 - nuclei)
   return np.zeros_like(yy), nuclei, halo
 
 
-def render_patch(rng, label, size):
-  """One uint8 (size, size, 3) H&E-like patch of class `label` (0..3) drawn with `rng`."""
+def render_patch(rng, label, size, structure_scale=1.0):
+  """One uint8 (size, size, 3) H&E-like patch of class `label` (0..3) drawn with `rng`.
+
+  structure_scale: every length of the class's structures inside the epithelial region times
+  this (1: the default data; < 1: finer glands and nuclei, the `fine` variant). The stroma, the
+  region and the colours do not depend on it."""
   yy, xx = _grid(size)
   region, info = _blob(rng, yy, xx, size)
   # Stroma: pink, fibrous, with scattered thin stromal nuclei, lymphocytes and small white gaps.
@@ -293,7 +320,7 @@ def render_patch(rng, label, size):
   img = _over(img, LUMEN, gaps * outside)
   img = _over(img, NUCLEUS * 1.15, np.maximum(stromal, lymph) * outside)
   # Epithelial region with the class's architecture.
-  lumen, nuclei, halo = _class_structure(rng, label, yy, xx, region, info)
+  lumen, nuclei, halo = _class_structure(rng, label, yy, xx, region, info, structure_scale)
   texture = 1 + 0.04 * _smooth_noise(rng, size, 0.7)[..., None]
   epi = EPITHELIUM[None, None] * texture
   epi = _over(epi, LUMEN, np.maximum(lumen, halo))
@@ -311,12 +338,32 @@ def render_patch(rng, label, size):
   return np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
 
 
+def class_spectrum_share(images, labels, cutoff):
+  """Where the class evidence sits in spatial frequency: the share of the between-class variance
+  of the class-mean power spectra (grey level, per-image mean removed) at radial frequencies
+  >= `cutoff` cycles per pixel. Periods of at most 4 px (cutoff 1/4) fall inside one cell of the
+  2.5x student's 4 x 4 average pool, which removes them."""
+  images = np.asarray(images, np.float64)
+  labels = np.asarray(labels)
+  grey = images.mean(-1)
+  grey = grey - grey.mean(axis=(1, 2), keepdims=True)
+  power = np.abs(np.fft.fft2(grey)) ** 2
+  means = np.stack([power[labels == c].mean(0) for c in np.unique(labels)])
+  between = means.var(axis=0)
+  h, w = grey.shape[1:]
+  f = np.hypot(*np.meshgrid(np.fft.fftfreq(h), np.fft.fftfreq(w), indexing='ij'))
+  return float(between[f >= cutoff].sum() / between.sum())
+
+
 def _over(base, color, alpha):
   """`color` painted over `base` with opacity `alpha` (H, W)."""
   return base + alpha[..., None] * (color - base)
 
 
 # ---------------------------------------------------------------- the TFDS builder
+
+# structure_scale of the `fine` builder config, chosen on the validation split (docs/data.md).
+FINE_SCALE = 0.5
 
 
 class SyntheticHistology(tfds.core.GeneratorBasedBuilder):
@@ -337,6 +384,12 @@ class SyntheticHistology(tfds.core.GeneratorBasedBuilder):
                                num_test=400),
       SyntheticHistologyConfig(name='smoke', description='32x32, 64/32/32, for tests.',
                                image_size=32, num_train=64, num_validation=32, num_test=32),
+      # The default's glands, lumens and nuclei at FINE_SCALE of their size (stroma, region and
+      # colours unchanged): the class evidence moves to periods of a few pixels, which the 2.5x
+      # student's 4 x 4 average pool largely removes (docs/data.md, "The fine variant").
+      SyntheticHistologyConfig(name='fine', description='64x64, 2000/400/400, structures x '
+                               f'{FINE_SCALE:g}.', image_size=64, num_train=2000,
+                               num_validation=400, num_test=400, structure_scale=FINE_SCALE),
   ]
   DEFAULT_CONFIG_NAME = 'default'
   code_path = tfds_source.CODE_PATH
@@ -366,5 +419,6 @@ class SyntheticHistology(tfds.core.GeneratorBasedBuilder):
       rng = np.random.default_rng([cfg.seed, s, i])
       # PNG-encoded here with PIL (lossless, fast); TFDS stores the bytes as they are.
       png = io.BytesIO()
-      PIL.Image.fromarray(render_patch(rng, int(label), cfg.image_size)).save(png, 'PNG')
+      image = render_patch(rng, int(label), cfg.image_size, cfg.structure_scale)
+      PIL.Image.fromarray(image).save(png, 'PNG')
       yield i, {'image': png.getvalue(), 'label': int(label)}
