@@ -61,3 +61,25 @@ def write_xlsx(path, rows, header=('image_name', 'NC', 'G3', 'G4', 'G5', 'G4C'))
 
 def random_image(seed, size=12):
   return np.random.default_rng(seed).integers(0, 255, (size, size, 3)).astype(np.uint8)
+
+
+class FixedPredictionData:
+  """Eval splits in batches of 4, padded like input_pipeline.Data.eval_batches: pixel [0, 0, 0] of
+  each image is the class a fake model predicts. Padded rows (mask False) carry `pad_label` and
+  predict `pad_pred`, so counting them would change the metrics. `splits`: split -> (labels,
+  predictions); `slide_level` is passed on as the data's slide-level information."""
+
+  def __init__(self, splits, num_classes, pad_label, pad_pred, slide_level=None):
+    self.splits, self.num_classes, self.slide_level = splits, num_classes, slide_level
+    self.pad_label, self.pad_pred = pad_label, pad_pred
+
+  def eval_batches(self, split):
+    labels, preds = (np.asarray(v) for v in self.splits[split])
+    for start in range(0, len(labels), 4):
+      lab, pred = labels[start:start + 4], preds[start:start + 4]
+      pad = 4 - len(lab)
+      image = np.zeros((4, 2, 2, 3), np.uint8)
+      image[:, 0, 0, 0] = np.concatenate([pred, np.full(pad, self.pad_pred)])
+      yield {'image': image,
+             'label': np.concatenate([lab, np.full(pad, self.pad_label)]).astype(np.int32),
+             'mask': np.arange(4) < len(lab)}

@@ -7,7 +7,7 @@ from camkd_jax import gleason
 from camkd_jax import reporting
 from camkd_jax import slide_labels
 from camkd_jax import slide_level
-from helpers import data_config, png_bytes, random_image, write_xlsx
+from helpers import FixedPredictionData, data_config, png_bytes, random_image, write_xlsx
 
 LABEL_HEADER = ('slide_id', 'patient_id', 'Gleason_primary', 'Gleason_secondary')
 
@@ -53,25 +53,6 @@ def test_grades_per_slide_from_patch_predictions():
     level.grades('test', np.zeros(3, int))
 
 
-class FourClassData:
-  """Eval splits in padded batches of 4: pixel [0, 0, 0] is the class the fake model predicts;
-  padded rows predict 3 (G5), so counting them would change the slide grades."""
-  num_classes = 4
-
-  def __init__(self, splits, level):
-    self.splits, self.slide_level = splits, level
-
-  def eval_batches(self, split):
-    labels, preds = (np.asarray(v) for v in self.splits[split])
-    for start in range(0, len(labels), 4):
-      lab, pred = labels[start:start + 4], preds[start:start + 4]
-      pad = 4 - len(lab)
-      image = np.zeros((4, 2, 2, 3), np.uint8)
-      image[:, 0, 0, 0] = np.concatenate([pred, np.full(pad, 3)])
-      yield {'image': image, 'label': np.concatenate([lab, np.zeros(pad)]).astype(np.int32),
-             'mask': np.arange(4) < len(lab)}
-
-
 def test_train_evaluate_adds_slide_level_and_keeps_the_patch_metrics():
   import jax  # pylint: disable=g-import-not-at-top
   from camkd_jax import sharding  # pylint: disable=g-import-not-at-top
@@ -80,7 +61,8 @@ def test_train_evaluate_adds_slide_level_and_keeps_the_patch_metrics():
   test = ([2, 2, 2, 1, 1], [2, 2, 1, 1, 1])             # slide t1 (4+3 truth), ours 3+4
   level = _level({'validation': ['v1'] * 3 + ['v2'] * 3, 'test': ['t1'] * 5},
                  {'v1': (3, 4), 'v2': (0, 0), 't1': (4, 3)})
-  data = FourClassData({'validation': val, 'test': test}, level)
+  # padded rows predict 3 (G5), so counting them would change the slide grades
+  data = FixedPredictionData({'validation': val, 'test': test}, 4, 0, 3, level)
   eval_step = lambda params, images: 5.0 * jax.nn.one_hot(images[:, 0, 0, 0], 4)
   out = train.evaluate(eval_step, None, data, sharding.make_mesh())
   # v2: 2 NC + 1 G3 -> tumour 33 % >= 5 %: 3+3 (grade group 1) against benign

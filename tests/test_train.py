@@ -21,6 +21,7 @@ from camkd_jax import checkpoints
 from camkd_jax import ops
 from camkd_jax import train
 from camkd_jax import workdir as workdir_lib
+from helpers import FixedPredictionData
 from helpers import load_json
 from helpers import smoke_config
 
@@ -118,31 +119,12 @@ def test_missing_dataset_error_propagates_and_keeps_files(tmp_path):
 
 
 # ----------------------------------------------------------------------------- evaluation
-class FixedLogitsData:
-  """Two eval splits in batches of 4, padded like input_pipeline.Data.eval_batches. Pixel
-  [0, 0, 0] of each image is the class the fake model predicts; padded rows (mask False) carry
-  label 1 and predict 2, so counting them would change every metric."""
-  num_classes = 3
-
-  def __init__(self, splits):
-    self.splits = splits  # split -> (labels, predictions)
-
-  def eval_batches(self, split):
-    labels, preds = (np.asarray(v) for v in self.splits[split])
-    for start in range(0, len(labels), 4):
-      lab, pred = labels[start:start + 4], preds[start:start + 4]
-      pad = 4 - len(lab)
-      image = np.zeros((4, 2, 2, 3), np.uint8)
-      image[:, 0, 0, 0] = np.concatenate([pred, np.full(pad, 2)])
-      yield {'image': image, 'label': np.concatenate([lab, np.ones(pad)]).astype(np.int32),
-             'mask': np.arange(4) < len(lab)}
-
-
 def test_evaluate_on_fixed_logits_by_hand():
   import jax  # pylint: disable=g-import-not-at-top
   from camkd_jax import sharding  # pylint: disable=g-import-not-at-top
-  data = FixedLogitsData({'validation': ([0, 1, 2, 2, 1], [0, 2, 2, 1, 1]),
-                          'test': ([2, 2, 0], [2, 2, 0])})
+  # padded rows carry label 1 and predict 2
+  data = FixedPredictionData({'validation': ([0, 1, 2, 2, 1], [0, 2, 2, 1, 1]),
+                              'test': ([2, 2, 0], [2, 2, 0])}, 3, 1, 2)
   eval_step = lambda params, images: 5.0 * jax.nn.one_hot(images[:, 0, 0, 0], 3)
   out = train.evaluate(eval_step, None, data, sharding.make_mesh())
   val, test = out['val'], out['test']
