@@ -8,9 +8,9 @@ One `jax.jit` program per step does, on the accelerator:
 A term whose weight is zero is never traced, so it is absent from the compiled program.
 
 The train state is a plain dict pytree {'step', 'params', 'opt_state', 'rng', 'bad_step',
-'bad_terms'} whose buffers are donated. A non-finite loss term freezes the state at the first bad
-step (parameters are not updated) and records the step and which terms; the driver checks this
-on logging steps and before checkpointing, so no NaN reaches a checkpoint and the hot loop never
+'bad_terms'} whose buffers are donated. A non-finite loss term or gradient freezes the parameters at
+the first bad step and records the step and which terms; the driver checks this on logging steps
+and before checkpointing or evaluating, so no NaN reaches a checkpoint and the hot loop never
 waits on the host.
 """
 import dataclasses
@@ -187,16 +187,15 @@ def _train_step(cfg, student, teacher, tx, state, teacher_params, batch):
   bad_mask = sum(jnp.where(good, 0, 1 << i) for i, good in enumerate(finite))
   ok = (bad_mask == 0) & (state['bad_step'] < 0)
 
-  # The update runs under lax.cond, not as where(ok, new, old) over the whole state: XLA then
-  # updates the donated parameters and optimiser moments in place, where the select made it copy
-  # every buffer first (experiments/BENCHMARKS.md, "Where the step's time went").
-  def update(operand):
-    params, opt_state, g = operand
-    updates, new_opt = tx.update(g, opt_state, params)
-    return optax.apply_updates(params, updates), new_opt
-
-  new_params, new_opt = jax.lax.cond(ok, update, lambda operand: operand[:2],
-                                     (state['params'], state['opt_state'], grads))
+  # The parameters are frozen by where(ok, params + updates, params), one elementwise update that
+  # XLA does in place in the donated buffers. A where(ok, new, old) over the whole state (the
+  # optimiser moments too) made XLA copy every buffer first, and a lax.cond around the update
+  # changed how the update fuses, and so the last bits of the results (experiments/BENCHMARKS.md,
+  # "Where the step's time went"). The moments of a bad step are not kept frozen: the run stops
+  # at the next check, before anything of that step is saved or evaluated.
+  updates, new_opt = tx.update(grads, state['opt_state'], state['params'])
+  new_params = jax.tree_util.tree_map(lambda p, u: jnp.where(ok, p + u, p), state['params'],
+                                      updates)
   new_state = {
       'step': state['step'] + 1,
       'params': new_params,

@@ -5,6 +5,7 @@
 # before-checkout's step with one feature changed (step_variants.py). Full width at batch 8 and
 # the default run's width 0.125 at batch 32; 64 px, f = 4, CE + FM + AT+, fp32, no augmentation.
 # usage: BEFORE=/path/to/old/checkout bash experiments/step_side_by_side.sh ROUNDS OUTLOG
+# (VARIANTS="" skips the one-feature variants)
 set -u
 R=$1; OUT=$2; PY=${PY:-python}; HERE=$(cd "$(dirname "$0")/.." && pwd)
 A=${ANCHOR:-$HERE/../shared/bench/anchor_step.py}; BEFORE=${BEFORE:-$HERE}
@@ -25,7 +26,7 @@ for r in $(seq 1 "$R"); do
     run "w$w/plain"     env ANCHOR_WIDTH=$w $PY $A jax 64 4 $b fp32 10
     run "w$w/torch"     env ANCHOR_WIDTH=$w $PY $A torch 64 4 $b fp32 10
     if [ "$w" = "1.0" ]; then
-      for v in nofreeze where cond_out; do
+      for v in ${VARIANTS-nofreeze where cond_out}; do
         run "w$w/main+$v" env VARIANT=$v PYTHONPATH=$BEFORE $PY $HERE/experiments/step_variants.py $BFULL --width=$w --batch_size=$b
       done
     fi

@@ -6,7 +6,9 @@ camkd_jax.distill._train_step of the checkout on PYTHONPATH by:
   where     finiteness from the loss terms and the gradients' global norm, the state frozen by
             jnp.where(ok, new, old) over every buffer (the per-buffer isfinite checks removed)
   cond_out  the update computed outside, lax.cond choosing between the new and the old state
-  cond      the update computed inside lax.cond (what camkd_jax.distill does now)
+  cond      the update computed inside lax.cond (no copies either, but the update fuses
+            differently and the results change in the last bits)
+  (camkd_jax.distill itself masks the parameter update only: where(ok, params + updates, params))
 
   VARIANT=nofreeze python experiments/step_variants.py --programs=distill --terms=ce,fm,at \
       --width=1.0 --image_size=64 --factor=4 --batch_size=8 --no_augment --dtypes=float32
