@@ -347,9 +347,12 @@ def run_config(case: Case, args):
   models.from_config, distill.make_optimizer), so the benchmark times what training runs."""
   try:
     from configs import base  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise SystemExit('camkd_jax.benchmark: run it from the repository root (it builds its '
-                     'programs from configs/base.py)') from e
+  except ModuleNotFoundError as e:
+    if e.name == 'configs':
+      raise SystemExit('camkd_jax.benchmark: run it from the repository root (it builds its '
+                       'programs from configs/base.py)') from e
+    raise SystemExit(f'camkd_jax.benchmark: configs/base.py needs the package {e.name}: '
+                     f'pip install {e.name.replace("_", "-")}') from e
   c = base.base_config(args.config_arg or None)
   c.model.name, c.model.width, c.model.dtype = args.model, float(args.width), case.dtype
   c.image_size = int(args.image_size)
