@@ -433,7 +433,7 @@ def build_program(case: Case, args, mesh) -> Program:
   stage = 'teacher' if case.program == 'teacher' else 'student'
   cfg = distill.StepConfig.from_config(config, stage)
   tx = distill.make_optimizer(config.optimizer)
-  teacher = models.from_config(config.model, NUM_CLASSES) if cfg.needs_teacher else None
+  teacher = model if cfg.needs_teacher else None  # one architecture, as in training
   fn = distill.make_train_step(cfg, model, tx, mesh, teacher=teacher)
   skey, tkey, rkey = jax.random.split(key, 3)
   make_state = lambda: distill.create_train_state(init(skey), tx, rkey)
