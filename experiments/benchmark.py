@@ -3,7 +3,7 @@ r"""The benchmark behind experiments/BENCHMARKS.md; same entry as `python -m cam
   python experiments/benchmark.py --suite=gpu --time_budget_s=420 \
       --json_out=experiments/results/benchmark_gpu.json
 
-Every flag is documented in camkd_jax/benchmark.py (`--help`).
+Every flag is documented in camkd_jax/benchmark/cli.py (`--help`).
 """
 import os
 import sys

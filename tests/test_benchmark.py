@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import pytest
 
 from camkd_jax import benchmark
+from camkd_jax.models import vgg
+import conftest  # pylint: disable=g-import-not-at-top
 
 TINY = ['--image_size=32', '--width=0.0625', '--batch_size=4', '--steps=3', '--warmup=1']
 
@@ -123,7 +125,7 @@ def test_gpu_suite_lists_the_native_rows_at_every_factor():
                             ('distill', 'bfloat16', 8), ('eval', 'bfloat16', 4)]
   for case in cases:  # every factor divides the paper's 512 px and leaves >= 16 px
     f = case.student_factor(benchmark.parse_args([]))
-    assert 512 % f == 0 and 512 // f >= benchmark.vgg.MIN_INPUT_SIZE
+    assert 512 % f == 0 and 512 // f >= vgg.MIN_INPUT_SIZE
 
 
 def test_views_and_factors_make_one_case_per_combination_teacher_once():
@@ -263,3 +265,32 @@ def test_benchmark_times_the_training_program(program):
   if program == 'distill':
     other = bench([f'--a_fm={2 * config.loss.fm}', f'--a_at={config.loss.at}'])
     assert _lowered_text(other.jitted, other.abstract_args) != want
+
+
+def test_benchmark_runs_without_tensorflow():
+  """The GPU machines have JAX but no TensorFlow: with every `tensorflow` import refused, the
+  package and its modules import, `python -m camkd_jax.benchmark --help` works and a distill
+  program (augmentation on, as in training) builds and lowers."""
+  out = conftest.run_python('''
+      import importlib.abc, runpy, sys
+
+      class NoTensorFlow(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+          if name.split('.')[0] == 'tensorflow':
+            raise ImportError('tensorflow is blocked')
+
+      sys.meta_path.insert(0, NoTensorFlow())
+      from camkd_jax import benchmark
+      from camkd_jax.benchmark import cli, flops, programs, report, suites, timing
+      out = benchmark.main(['--lower_only', '--programs=distill', '--dtypes=float32',
+                            '--image_size=32', '--width=0.0625', '--batch_size=2'])
+      assert out['rows'][0]['flops'] > 0 and out['rows'][0]['augment'], out
+      sys.argv = ['camkd_jax.benchmark', '--help']
+      try:
+        runpy.run_module('camkd_jax.benchmark', run_name='__main__', alter_sys=True)
+      except SystemExit as e:
+        assert e.code == 0, e.code
+      print('TF', sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))
+      ''')
+  assert 'usage: python -m camkd_jax.benchmark' in out and '--suite' in out
+  assert out.strip().splitlines()[-1] == 'TF []'
