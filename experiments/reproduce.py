@@ -577,14 +577,38 @@ def aggregate(results):
   return table
 
 
-def markdown(table, args, wall, mags, methods):
+def study_labels(args):
+  """(teacher label, selection text) from the grid's own config, not assumed: e.g. ('10x',
+  'validation kappa')."""
+  _, _, seeds = cells(args)
+  config = teacher_config(args, seeds[0])
+  metric = str(config.selection.metric)
+  selection = {'kappa': 'validation kappa', 'slide_kappa': 'validation slide-level kappa'}.get(
+      metric, f'validation {metric}')
+  return f'{float(config.base_magnification):g}x', selection
+
+
+def wall_text(results, wall):
+  """The sweep's cost: cells trained in this invocation, and the recorded cells' own times."""
+  times = [out['wall_time_s'] for out in results.values()
+           if isinstance(out, dict) and out.get('wall_time_s')]
+  recorded = (f'the {len(times)} cells in this report took {sum(times) / 3600:.1f} h of '
+              f'training in all (their records\' wall_time_s)' if times else
+              'no cell here records its training time')
+  if wall >= 60:
+    return f'Wall time of this invocation: {wall / 60:.1f} min; {recorded}.'
+  return f'No cell was trained by this invocation (all came from records); {recorded}.'
+
+
+def markdown(table, args, wall, mags, methods, results=None):
   # One seed has no spread: its value alone (a '± 0.000' would claim one).
+  teacher_label, selection = study_labels(args)
   pm = lambda x: reporting.mean_std_cell(x[0], x[1], 3) if x[2] > 1 else f'{x[0]:.3f}'
   cells = lambda r: [pm(r[split][m]) for split in SPLITS for m in METRICS] + [
       str(r['val']['kappa'][2])]
   rows = []
   if ('teacher', None) in table:
-    rows.append(['teacher', '10x'] + cells(table[('teacher', None)]))
+    rows.append(['teacher', teacher_label] + cells(table[('teacher', None)]))
   rows += [[METHOD_LABELS[method], f'{mag:g}x'] + cells(table[(method, mag)])
            for mag in mags for method in methods if (method, mag) in table]
   header = ['method', 'magnification', 'val bal. acc.', 'val kappa', 'test bal. acc.',
@@ -594,16 +618,16 @@ def markdown(table, args, wall, mags, methods):
   title = args.title or f'Study results ({args.dataset})'
   return (f'# {title}\n\n'
           f'Produced by `{cmd.strip()}` (mean ± sample std over seeds {args.seeds}; '
-          f'the metrics of the checkpoint selected on validation kappa). Sweep wall time in this '
-          f'invocation: {wall / 60:.1f} min (cells already finished are not recounted).\n\n'
+          f'the metrics of the checkpoint selected on {selection}). '
+          f'{wall_text(results or {}, wall)}\n\n'
           + reporting.markdown_table(rows, header))
 
 
-def per_seed_markdown(results, mags, methods, seeds):
+def per_seed_markdown(results, mags, methods, seeds, teacher_label='10x'):
   """Test kappa (val kappa) of every cell, one column per seed: the spread behind each mean."""
   def cell(out):
     return '-' if out is None else f'{out["test"]["kappa"]:.3f} ({out["val"]["kappa"]:.3f})'
-  rows = [['teacher', '10x'] + [cell((results.get(('teacher', None, s)) or {}).get('teacher'))
+  rows = [['teacher', teacher_label] + [cell((results.get(('teacher', None, s)) or {}).get('teacher'))
                                 for s in seeds]]
   for mag in mags:
     for method in methods:
@@ -846,7 +870,7 @@ def completeness(results, mags, methods, seeds):
           'them).\n\n')
 
 
-def plot(table, mags, methods, path):
+def plot(table, mags, methods, path, teacher_label='10x'):
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -864,7 +888,7 @@ def plot(table, mags, methods, path):
     ax.errorbar(x, y, yerr=e, marker='o', capsize=3, label=METHOD_LABELS[method])
   if ('teacher', None) in table:  # a partial grid may not have one yet
     t = table[('teacher', None)]['test']['kappa']
-    ax.axhline(t[0], color='k', ls='--', label=f'teacher 10x ({t[0]:.3f})')
+    ax.axhline(t[0], color='k', ls='--', label=f'teacher {teacher_label} ({t[0]:.3f})')
   ax.set_xscale('log', base=2)
   ax.set_xlim(min(xs) / 1.4, max(xs) * 1.4)
   ax.set_xticks(xs)
@@ -899,13 +923,14 @@ def main(argv=None):
   table = aggregate(results)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   plot_path = args.plot or os.path.splitext(args.out)[0] + '_kappa.png'
-  plot(table, mags, methods, plot_path)
-  text = markdown(table, args, wall, mags, methods)
+  teacher_label, _ = study_labels(args)
+  plot(table, mags, methods, plot_path, teacher_label)
+  text = markdown(table, args, wall, mags, methods, results)
   if args.intro and os.path.exists(args.intro):
     with open(args.intro) as f:
       text = text.replace('\n\n', '\n\n' + f.read().strip() + '\n\n', 1)
   text = text.replace('\n\n', '\n\n' + completeness(results, mags, methods, seeds), 1)
-  text += per_seed_markdown(results, mags, methods, seeds)
+  text += per_seed_markdown(results, mags, methods, seeds, teacher_label)
   text += f'\n![test kappa vs magnification]({os.path.basename(plot_path)})\n'
   if args.paired:
     paired, stats = paired_markdown(results, teacher_fingerprints(args, results), mags, methods,

@@ -359,3 +359,20 @@ def test_completeness_names_a_partial_grid():
   assert r.completeness(done, [2.5], ['ce', 'at'], [1]) == ''
   line = r.completeness(done, [2.5], ['ce', 'at'], [1, 2])
   assert line.startswith('**PARTIAL**: 3 of 6 cells') and '3 still to run' in line
+
+
+def test_report_labels_come_from_the_grid_config():
+  """The teacher's magnification and the selection rule are read from the config, not assumed."""
+  r = _reproduce_module()
+  default = r.parse_args(['--seeds=22'])
+  assert r.study_labels(default) == ('10x', 'validation kappa')
+  other = r.parse_args(['--seeds=22', '--set=base_magnification=20',
+                        '--set=selection.metric=slide_kappa'])
+  assert r.study_labels(other) == ('20x', 'validation slide-level kappa')
+  table = {('teacher', None): {s: {m: (1.0, 0.0, 1) for m in r.METRICS} for s in r.SPLITS}}
+  text = r.markdown(table, other, 0.0, [2.5], ['ce'], {})
+  assert '| teacher | 20x |' in text and 'selected on validation slide-level kappa' in text
+  assert '0.0 min' not in text and 'No cell was trained by this invocation' in text
+  results = {('teacher', None, 22): {'wall_time_s': 1800.0}, ('ce', 2.5, 22): {'wall_time_s': 5400.0}}
+  assert 'the 2 cells in this report took 2.0 h' in r.wall_text(results, 0.0)
+  assert r.wall_text(results, 150.0).startswith('Wall time of this invocation: 2.5 min')

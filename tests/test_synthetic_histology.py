@@ -91,7 +91,7 @@ def test_synthetic_second_prepare_reuses_cache(smoke_builder):
 def test_unknown_dataset_and_size_are_named():
   with pytest.raises(ValueError, match='known:.*synthetic_histology.*sicapv2.*folder.*table'):
     datasets.get_source(data_config(name='imagenet'))
-  with pytest.raises(ValueError, match="'huge'.*known: \\['default', 'smoke', 'fine'\\]"):
+  with pytest.raises(ValueError, match="'huge'.*known: \\['default', 'smoke', 'fine', 'fine_40'"):
     datasets.get_source(data_config(synthetic_size='huge'))
 
 
@@ -113,12 +113,14 @@ def test_fine_variant_is_deterministic_and_differs_from_default():
   np.testing.assert_array_equal(d, sh.render_patch(np.random.default_rng([0, 0, 5]), 1, 64, 1.0))
 
 
-def test_fine_builder_examples_are_balanced_and_regenerable(tmp_path):
-  """The `fine` builder's examples (generated without preparing all 2,800): class counts follow
-  the shares, and every PNG is the patch regenerated from its per-example seed at FINE_SCALE."""
-  builder = sh.SyntheticHistology(config='fine', data_dir=str(tmp_path))
+@pytest.mark.parametrize('name,scale', [('fine', sh.FINE_SCALE), ('fine_35', 0.35),
+                                        ('fine_25', 0.25)])
+def test_fine_builder_examples_are_balanced_and_regenerable(tmp_path, name, scale):
+  """A fine builder's examples (generated without preparing all 2,800): class counts follow
+  the shares, and every PNG is the patch regenerated from its per-example seed at its scale."""
+  builder = sh.SyntheticHistology(config=name, data_dir=str(tmp_path))
   cfg = builder.builder_config
-  assert cfg.structure_scale == sh.FINE_SCALE < 1 and cfg.image_size == 64
+  assert cfg.structure_scale == scale < 1 and cfg.image_size == 64
   assert (cfg.num_train, cfg.num_validation, cfg.num_test) == (2000, 400, 400)
   n = 40
   examples = list(builder._generate_examples('validation', n))  # pylint: disable=protected-access
@@ -126,7 +128,7 @@ def test_fine_builder_examples_are_balanced_and_regenerable(tmp_path):
   np.testing.assert_array_less(np.abs(np.bincount(labels, minlength=4) - n * sh.CLASS_SHARES),
                                1.0 + 1e-9)
   for i, ex in examples[:8]:
-    want = sh.render_patch(np.random.default_rng([cfg.seed, 1, i]), ex['label'], 64, sh.FINE_SCALE)
+    want = sh.render_patch(np.random.default_rng([cfg.seed, 1, i]), ex['label'], 64, scale)
     np.testing.assert_array_equal(decode_image(ex['image']), want)
 
 

@@ -364,6 +364,8 @@ def _over(base, color, alpha):
 
 # structure_scale of the `fine` builder config, chosen on the validation split (docs/data.md).
 FINE_SCALE = 0.5
+# structure_scale of the builder configs fine_40, fine_35, fine_30, fine_25.
+LADDER_SCALES = (0.4, 0.35, 0.3, 0.25)
 
 
 class SyntheticHistology(tfds.core.GeneratorBasedBuilder):
@@ -390,6 +392,13 @@ class SyntheticHistology(tfds.core.GeneratorBasedBuilder):
       SyntheticHistologyConfig(name='fine', description='64x64, 2000/400/400, structures x '
                                f'{FINE_SCALE:g}.', image_size=64, num_train=2000,
                                num_validation=400, num_test=400, structure_scale=FINE_SCALE),
+  ] + [
+      # A ladder of finer scales (fine_40: structures x 0.40, ...) to measure where a 2.5x student
+      # stops keeping up with its 10x teacher (docs/data.md, "The fine variant").
+      SyntheticHistologyConfig(name=f'fine_{round(100 * s):02d}', description='64x64, 2000/400/'
+                               f'400, structures x {s:g}.', image_size=64, num_train=2000,
+                               num_validation=400, num_test=400, structure_scale=s)
+      for s in LADDER_SCALES
   ]
   DEFAULT_CONFIG_NAME = 'default'
   code_path = tfds_source.CODE_PATH
