@@ -181,6 +181,15 @@ class Progress:
       logging.info('%s', self.line())
 
 
+def log_grade(name: str, g: Dict[str, Any]):
+  """The log line of a slide's Gleason score (gleason.slide_score's dict)."""
+  grade = (f"Gleason {g['score']}, grade group {g['grade_group']}" if g['grade_group']
+           else 'benign')
+  logging.info('%s: %s (tumour %.1f %% of tissue; patterns 3/4/5: %.1f / %.1f / %.1f %% of '
+               'tumour)', name, grade, g['tumour_percent'],
+               *(g['pattern_percent'][p] for p in '345'))
+
+
 # ----------------------------------------------------------------------------- one slide's state
 class SlideJob:
   """Predictions of one slide as its batches come back."""
@@ -319,11 +328,7 @@ class SlideRunner:
     g = summary.get('gleason')
     if g:
       self.results[-1].update(score=g['score'], grade_group=g['grade_group'])
-      grade = (f"Gleason {g['score']}, grade group {g['grade_group']}" if g['grade_group']
-               else 'benign')
-      logging.info('%s: %s (tumour %.1f %% of tissue; patterns 3/4/5: %.1f / %.1f / %.1f %% of '
-                   'tumour)', job.name, grade, g['tumour_percent'],
-                   *(g['pattern_percent'][p] for p in '345'))
+      log_grade(job.name, g)
     if self.cohort is not None:
       self.cohort.update(slide_outputs.cohort_row(job.name, job.plan.path, 'ok', '', summary))
     self.progress.finish_slide()

@@ -133,13 +133,6 @@ def seeded_split(labels, num_classes, ratio, seed):
   return {s: np.sort(np.asarray(v, np.int64)) for s, v in parts.items()}
 
 
-def _readable(name, where, paths, config):
-  """base.readable_files of a dataset's files: unreadable ones are one error naming the dataset,
-  or dropped with config.data.skip_corrupt (logged by name)."""
-  return base.readable_files(paths, f'{name} dataset {where}', config.data.skip_corrupt,
-                             cache_key=where)
-
-
 def _split_indices(labels, splits, origin, class_names, config):
   """{split: indices} from each file's split ('' everywhere: config.data.split_ratio); carves
   validation out of train when there is none (updates `origin`)."""
@@ -178,7 +171,8 @@ def _finish(name, where, class_names, paths, labels, splits, origin, config, sli
             **extra):
   """Checks every image, splits the readable ones and builds the ListSource (with the record
   of which file went where). `slides`: the slide of each image (a table's slide column)."""
-  keep, bad, sizes = _readable(name, where, list(paths), config)
+  keep, bad, sizes = base.readable_files(list(paths), f'{name} dataset {where}',
+                                         config.data.skip_corrupt, cache_key=where)
   skipped = [(paths[i], class_names[labels[i]], 'skipped', f'{splits[i] or "any"}: {r}')
              for i, r in bad]
   paths, splits, origin = ([x[i] for i in keep] for x in (paths, splits, origin))
