@@ -35,12 +35,12 @@ import datetime
 import json
 import os
 import shutil
-import sys
 import warnings
 from typing import Any, Dict, List
 
 import numpy as np
 
+from camkd_jax import cli
 from camkd_jax import errors
 
 FORMATS = ('onnx', 'wsinfer', 'all')
@@ -496,11 +496,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   fl = flags.FLAGS
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax's restore lines are not news here
-  try:
+  with cli.user_errors():
     result = export(fl.workdir, fl.out, fl.model, fl.format, fl.overwrite, fl.onnx_input)
-  except (errors.UserError, FileNotFoundError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.exit(errors.EXIT_USER_ERROR)
   rm = result['model']
   worst = max(result['parity'].values())
   print(f'wrote {", ".join(result["files"])} to {result["out"]}: {fl.model} at '

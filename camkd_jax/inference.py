@@ -12,6 +12,11 @@ magnification; the teacher has f = 1). What the network then sees depends on the
   'native'     the tile itself (a student trained on the f x f average-pooled image at its size).
 With f = 1 (the teacher) both views are the tile itself.
 
+Patches of the training data (at the teacher's magnification, image_size pixels) are predicted
+with `Predictor(run_model, batch_size, full_resolution=True)`: the step then forms the model's
+input from the full-resolution patch exactly as the run's evaluation does (ops.student_view:
+average-pool by f in float, then the view), so its probabilities are those of the run's metrics.
+
 The compiled step has one fixed batch shape: the last, partial batch is padded and its padding
 dropped from the output, so any number of tiles, slide after slide, runs one program (no
 recompiles). The step is sharded on the batch axis over a mesh of this process's devices: under
@@ -164,32 +169,42 @@ def local_mesh():
   return sharding.make_mesh(jax.local_devices())
 
 
-def make_predict_step(model, factor: int, view: str, image_size: int, mesh):
+def make_predict_step(model, factor: int, view: str, image_size: int, mesh,
+                      full_resolution: bool = False):
   """Jitted `predict_step(params, tiles_uint8 (B, t, t, 3)) -> probabilities (B, C) float32`,
-  batch-sharded over `mesh`, params replicated."""
+  batch-sharded over `mesh`, params replicated. With full_resolution the input is (B, S, S, 3)
+  patches at the teacher's magnification (S = image_size), seen as in the run's evaluation."""
   if view not in VIEWS:
     raise ValueError(f'unknown view {view!r}; known: {list(VIEWS)}')
 
   def fn(params, tiles):
-    logits, _ = model.apply({'params': params}, model_input(tiles, factor, view, image_size))
+    if full_resolution:
+      x = ops.student_view(tiles.astype(jnp.float32) / 255.0, factor, view)
+    else:
+      x = model_input(tiles, factor, view, image_size)
+    logits, _ = model.apply({'params': params}, x)
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   return jax.jit(fn, in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
                  out_shardings=sharding.batch_sharding(mesh))
 
 
 class Predictor:
-  """Fixed-batch, sharded, pipelined class probabilities of uint8 tiles for one RunModel."""
+  """Fixed-batch, sharded, pipelined class probabilities of uint8 tiles for one RunModel: tiles
+  at the model's magnification (tile_size px), or with full_resolution patches at the teacher's
+  (image_size px, as the training data)."""
 
-  def __init__(self, run_model: RunModel, batch_size: int = 64, mesh=None):
+  def __init__(self, run_model: RunModel, batch_size: int = 64, mesh=None,
+               full_resolution: bool = False):
     self.run_model = run_model
     self.mesh = mesh or local_mesh()
     n = self.mesh.size
     self.batch_size = max(n, -(-int(batch_size) // n) * n)  # a multiple of the device count
     self.params = jax.device_put(run_model.params, sharding.replicated(self.mesh))
     self.step = make_predict_step(run_model.model, run_model.factor, run_model.view,
-                                  run_model.image_size, self.mesh)
-    t = run_model.tile_size
+                                  run_model.image_size, self.mesh, full_resolution)
+    t = run_model.image_size if full_resolution else run_model.tile_size
     self.tile_shape = (t, t, 3)
+    self.where = 'the teacher\'s magnification' if full_resolution else 'the model magnification'
 
   def submit(self, tiles: np.ndarray) -> Tuple[Any, int]:
     """Starts one batch (<= batch_size tiles) on the device without waiting for it; returns a
@@ -197,7 +212,8 @@ class Predictor:
     tiles = np.asarray(tiles)
     if tiles.dtype != np.uint8 or tiles.shape[1:] != self.tile_shape:
       raise ValueError(f'tiles must be uint8 of shape (N, {", ".join(map(str, self.tile_shape))})'
-                       f' at the model magnification; got {tiles.dtype} {tiles.shape}')
+                       f' at {self.where}; got {tiles.dtype} '
+                       f'{tiles.shape}')
     n = len(tiles)
     if n > self.batch_size:
       raise ValueError(f'{n} tiles exceed the batch size {self.batch_size}')

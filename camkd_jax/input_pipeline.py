@@ -101,7 +101,7 @@ def _find_bad(examples, positions):
   return None
 
 
-def _batches(examples, positions, batch_size, image_size):
+def read_batches(examples, positions, batch_size, image_size):
   """Yields (images uint8 [b,S,S,3], labels int32 [b]) for examples[positions], in order.
 
   Batches have batch_size elements except possibly the last. A file that does not decode stops
@@ -181,7 +181,7 @@ class Data:
     b, bl = self.global_batch_size, self.local_batch_size
     order = self.train_order(epoch).reshape(self.steps_per_epoch, b)[start_step:]
     mine = order[:, self.process_index * bl:(self.process_index + 1) * bl].reshape(-1)
-    for images, labels in _batches(self._train, mine, bl, self.image_size):
+    for images, labels in read_batches(self._train, mine, bl, self.image_size):
       yield {'image': images, 'label': labels.astype(np.int32)}
 
   def num_eval_batches(self, split: str) -> int:
@@ -197,7 +197,7 @@ class Data:
     examples = self._local_eval_examples(split)
     bl, s = self.local_eval_batch_size, self.image_size
     count = 0
-    for images, labels in _batches(examples, np.arange(len(examples)), bl, s):
+    for images, labels in read_batches(examples, np.arange(len(examples)), bl, s):
       count += 1
       yield _pad(images, labels, bl)
     empty = (np.zeros([0, s, s, 3], np.uint8), np.zeros([0], np.int32))
@@ -210,7 +210,7 @@ class Data:
     balancing, no augmentation."""
     n = len(self._train)
     total, squares, pixels = np.zeros(3), np.zeros(3), 0
-    for images, _ in _batches(self._train, np.arange(n), max(self.eval_batch_size, 1),
+    for images, _ in read_batches(self._train, np.arange(n), max(self.eval_batch_size, 1),
                               self.image_size):
       x = images.reshape(-1, 3).astype(np.float64) / 255.0
       total += x.sum(0)

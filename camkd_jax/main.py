@@ -9,10 +9,7 @@ workdirs/<config name>_m<magnification> (workdirs/teacher for configs/teacher.py
 same command resumes from the latest checkpoint in the workdir.
 """
 import importlib.util
-import logging as std_logging
-import os
 import re
-import sys
 
 # TensorFlow (input pipeline only) is chatty at start-up (its oneDNN notice); keep the console
 # for progress lines. Before anything imports TensorFlow.
@@ -24,7 +21,7 @@ from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-pos
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from camkd_jax import distributed  # pylint: disable=g-import-not-at-top,wrong-import-position
+from camkd_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import interrupts  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -36,25 +33,7 @@ config_flags.DEFINE_config_file(
     lock_config=True)
 flags.DEFINE_string('workdir', None,
                     'Output directory (default: workdirs/<config name>_m<magnification>).')
-# Multi-host (see camkd_jax/distributed.py); unset values come from CAMKD_* or JAX's detection.
-flags.DEFINE_string('coordinator_address', None,
-                    'host:port of process 0 (or CAMKD_COORDINATOR); starts jax.distributed.')
-flags.DEFINE_integer('num_processes', None, 'Number of processes (or CAMKD_NUM_PROCESSES).')
-flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1 '
-                     '(or CAMKD_PROCESS_ID).')
-
-
-def _quiet_libraries(record):
-  """Drops INFO lines of orbax / TFDS internals (dozens per checkpoint); warnings stay."""
-  noisy = any(f'{os.sep}{lib}{os.sep}' in record.pathname
-              for lib in ('orbax', 'tensorflow_datasets', 'jax'))
-  return not (noisy and record.levelno < std_logging.WARNING)
-
-
-def _fail(message: str, code: int = errors.EXIT_USER_ERROR):
-  """Prints `error: message` (no traceback) and exits with `code`."""
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(code)
+cli.define_distributed_flags()  # multi-host: see camkd_jax/distributed.py
 
 
 def _config_file_arg(argv):
@@ -110,11 +89,11 @@ def parse_flags(argv):
   try:
     return FLAGS(argv)
   except flags.Error as e:
-    _fail(flag_error_message(e, argv))
+    cli.fail(flag_error_message(e, argv))
   except Exception as e:  # pylint: disable=broad-except
     # lock_config=True: an override of an unknown key surfaces as AttributeError/KeyError.
     if any(a.startswith('--config.') for a in argv) and isinstance(e, (AttributeError, KeyError)):
-      _fail(flag_error_message(e, argv))
+      cli.fail(flag_error_message(e, argv))
     raise
 
 
@@ -122,23 +101,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   interrupts.install()
-  try:
+  with cli.user_errors(cli.USER_ERRORS):  # anything else is a bug: it keeps its traceback
     _main(argv)
-  except errors.Interrupted as e:
-    _fail(str(e), e.exit_code)
-  except Exception as e:  # pylint: disable=broad-except
-    if not errors.is_user_error(e):
-      raise  # a bug: keep the traceback
-    _fail(str(e))
 
 
 def _main(argv):
   del argv
-  logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
+  cli.quiet_logging()
   config = FLAGS.config
-  # Before any other JAX use: the set of devices is fixed when the backend starts.
-  distributed.maybe_initialize(config, coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  cli.initialize_distributed(config)  # before any other JAX use
   if jax.process_index() > 0:
     logging.set_verbosity(logging.WARNING)  # one progress log: process 0's
   workdir = FLAGS.workdir or workdir_lib.default_workdir(

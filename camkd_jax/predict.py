@@ -6,7 +6,7 @@ r"""Per-patch predictions of a finished run: class probabilities, the prediction
 
 The model is the run's exported student (default; it sees each patch at its own magnification
 and view, upsampled or native, exactly as in the run's evaluation) or teacher, loaded by
-camkd_jax.inference.load_run_model.
+camkd_jax.inference.load_run_model and run by inference.Predictor on full-resolution patches.
 Patches are given at the teacher's magnification, like the training data, and resized to the
 run's image_size as in training.
 
@@ -24,13 +24,12 @@ every class (softmax probabilities, summing to 1). An existing --out is not repl
 import csv
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 import numpy as np
 
+from camkd_jax import cli
 from camkd_jax import errors
 from camkd_jax.datasets import base
 
@@ -83,18 +82,15 @@ def folder_examples(root, class_names):
   from camkd_jax.datasets import folder  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(root):
     raise base.DataNotFoundError(f'--folder={root!r} is not a directory')
-  subdirs = folder._subdirs(root)  # pylint: disable=protected-access
+  subdirs = folder.list_folders(root)
   unknown = [d for d in subdirs if d not in class_names]
   if unknown:
     raise base.DataError(f'--folder {root}: sub-folder(s) {unknown} are not classes of the model '
                          f'{list(class_names)}; put unlabelled images directly in {root}')
-  paths, labels = [], []
-  top = sorted(os.path.join(root, f) for f in os.listdir(root)
-               if f.lower().endswith(base.IMAGE_EXTENSIONS) and not f.startswith('.'))
-  paths += top
-  labels += [-1] * len(top)
+  paths = folder.list_images(root, recursive=False)
+  labels = [-1] * len(paths)
   for d in subdirs:
-    files = folder._list_images(os.path.join(root, d))  # pylint: disable=protected-access
+    files = folder.list_images(os.path.join(root, d))
     paths += files
     labels += [list(class_names).index(d)] * len(files)
   if not paths:
@@ -108,9 +104,9 @@ def table_examples(path, class_names, image_column, label_column):
   from camkd_jax.datasets import folder  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise base.DataNotFoundError(f'--table={path!r} is not a file')
-  t = folder._Table(path)  # pylint: disable=protected-access
+  t = folder.Table(path)
   t.require(image_column, 'image_column (or --image_column)')
-  paths = folder._image_paths(t, image_column)  # pylint: disable=protected-access
+  paths = folder.image_paths(t, image_column)
   label_column = label_column or ('label' if 'label' in t.col else '')
   if label_column:
     t.require(label_column, 'label_column (or --label_column)')
@@ -130,62 +126,37 @@ def table_examples(path, class_names, image_column, label_column):
 
 
 def checked_examples(paths, labels, where, skip_corrupt):
-  """Examples of the readable files (all unreadable ones in one error, or skipped)."""
-  checks = base.check_files(paths, cache_key=where)
-  bad = [(i, r) for i, (r, _, _) in enumerate(checks) if r is not None]
-  if bad and not skip_corrupt:
-    raise base.DataError(f'{where}: ' + base.corrupt_files_message(
-        [(paths[i], r) for i, r in bad], len(paths)).replace(
-            'config.data.skip_corrupt=True', '--skip_corrupt'))
-  if bad:
-    logging.warning('skipped %d unreadable image(s): %s', len(bad),
-                    '; '.join(f'{paths[i]} ({r})' for i, r in bad))
-  keep = [i for i in range(len(paths)) if i not in {j for j, _ in bad}]
+  """Examples of the readable files (all unreadable ones in one error, or skipped and logged)."""
+  keep, _, _ = base.readable_files(paths, where, skip_corrupt, '--skip_corrupt', cache_key=where)
   return base.Examples([paths[i] for i in keep], np.asarray(labels, np.int32)[keep],
                        [paths[i] for i in keep], from_files=True)
 
 
 # ----------------------------------------------------------------------------- predicting
-def eval_step(run_model, mesh):
-  """The run's own evaluation step: the model at its view (upsampled or native) of a
-  full-resolution patch, as in training."""
-  from camkd_jax import distill  # pylint: disable=g-import-not-at-top
-  return distill.make_eval_step(run_model.model, run_model.factor, mesh, run_model.view)
-
-
 def predict_probabilities(run_model, examples, batch_size):
-  """(N, C) float64 softmax probabilities of every example, in order."""
-  import jax  # pylint: disable=g-import-not-at-top
+  """(N, C) float32 softmax probabilities of every example, in order: the patches decoded and
+  resized as in training (input_pipeline.read_batches) and predicted as in the run's evaluation
+  (inference.Predictor on full-resolution patches)."""
   from camkd_jax import inference  # pylint: disable=g-import-not-at-top
   from camkd_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from camkd_jax import sharding  # pylint: disable=g-import-not-at-top
-  mesh = inference.local_mesh()
-  bs = max(mesh.size, -(-int(batch_size) // mesh.size) * mesh.size)
-  step = eval_step(run_model, mesh)
-  params = jax.device_put(run_model.params, sharding.replicated(mesh))
-  out = []
-  # pylint: disable=protected-access
-  batches = input_pipeline._batches(examples, np.arange(len(examples)), bs,
-                                    run_model.image_size)
-  for images, labels in batches:
-    batch = input_pipeline._pad(images, labels, bs)
-    x = jax.device_put(batch['image'], sharding.batch_sharding(mesh))
-    logits = np.asarray(jax.device_get(step(params, x)), np.float64)[batch['mask']]
-    z = np.exp(logits - logits.max(-1, keepdims=True))
-    out.append(z / z.sum(-1, keepdims=True))
-  return np.concatenate(out) if out else np.zeros((0, len(run_model.class_names)))
+  predictor = inference.Predictor(run_model, batch_size, full_resolution=True)
+  batches = input_pipeline.read_batches(examples, np.arange(len(examples)),
+                                        predictor.batch_size, run_model.image_size)
+  out = list(predictor.predict_batches(images for images, _ in batches))
+  if not out:
+    return np.zeros((0, len(run_model.class_names)), np.float32)
+  return np.concatenate(out)
 
 
 def write_predictions(path, examples, probs, class_names):
-  """The CSV (written to a temporary name, then renamed: never a half-written file)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + '.tmp', 'w', newline='') as f:
+  """The CSV (errors.atomic_write: never a half-written file)."""
+  def write(f):
     w = csv.writer(f)
     w.writerow(['path', 'label', 'prediction'] + [f'p_{c}' for c in class_names])
     for name, label, p in zip(examples.names, examples.labels, probs):
       w.writerow([name, class_names[label] if label >= 0 else '',
                   class_names[int(np.argmax(p))]] + [f'{v:.6g}' for v in p])
-  os.replace(path + '.tmp', path)
+  errors.atomic_write(path, write)
 
 
 def summary(examples, probs, num_classes):
@@ -226,13 +197,11 @@ def predict(workdir, out, which='student', split=None, folder=None, table=None,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  try:
+  cli.quiet_logging()
+  with cli.user_errors():
     examples, _, m = predict(FLAGS.workdir, FLAGS.out, FLAGS.model, FLAGS.split, FLAGS.folder,
                              FLAGS.table, FLAGS.image_column, FLAGS.label_column,
                              FLAGS.batch_size, FLAGS.skip_corrupt, FLAGS.overwrite)
-  except (errors.UserError, FileNotFoundError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr, flush=True)
-    sys.exit(errors.EXIT_USER_ERROR)
   line = f'wrote {len(examples)} predictions ({FLAGS.model}) to {FLAGS.out}'
   if m:
     line += (f'; on the {m["num_examples"]} labelled: accuracy {m["accuracy"]:.4f}, balanced '

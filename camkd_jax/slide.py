@@ -21,11 +21,14 @@ with several batches read ahead and two on the device, across slide boundaries: 
 not wait for the next slide's reads, and one compiled program serves every slide.
 Under jax.distributed (--coordinator_address etc., as for training) slide i goes to process
 i % process_count; each process predicts on its own devices.
+
+This module is the pipeline (Options, SlideRunner, run_slides) and the command (define_flags,
+main; the error exit, quiet logging and distributed flags of camkd_jax/cli.py). What is written
+per slide and per cohort is camkd_jax/slide_outputs.py, the pictures camkd_jax/slide_plots.py.
 """
 import collections
-import logging as std_logging
+import dataclasses
 import os
-import sys
 import time
 from typing import Any, Dict, List, Optional
 
@@ -34,63 +37,88 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-from camkd_jax import errors
+from camkd_jax import cli
 from camkd_jax import gleason
 from camkd_jax import slide_outputs
+from camkd_jax import wsi
 
 FLAGS = flags.FLAGS
 
 
+# ----------------------------------------------------------------------------- options
+@dataclasses.dataclass
+class Options:
+  """What the runner needs besides the model: the flags of the same names (their defaults are
+  these), or set in tests. prefetch 0 means 2 x readers; rules holds --min_share, --min_tumour
+  and --weighting (camkd_jax/gleason.py)."""
+  stride: int = 0
+  batch_size: int = 64
+  readers: int = 4
+  prefetch: int = 0
+  slide_magnification: Optional[float] = None
+  mpp: Optional[float] = None
+  tissue_fraction: float = wsi.TISSUE_FRACTION
+  min_saturation: float = wsi.MIN_SATURATION
+  progress_every_s: float = 2.0
+  patterns: str = ''
+  rules: Optional[gleason.Rules] = None
+  labels: Optional[str] = None
+  overwrite: bool = False
+  geojson_gzip: bool = False
+
+  def __post_init__(self):
+    self.prefetch = self.prefetch or 2 * self.readers
+    self.rules = self.rules or gleason.Rules()
+
+
+def _defaults(cls) -> Dict[str, Any]:
+  return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
 def define_flags():
   """The command's flags (defined only when run as a command: importing the module defines
-  none, so it coexists with other absl programs)."""
+  none, so it coexists with other absl programs). Defaults: Options' and gleason.Rules'."""
+  d, r = _defaults(Options), _defaults(gleason.Rules)
   flags.DEFINE_string('workdir', None, 'Finished training run (or one seed_<n> of it).')
   flags.DEFINE_enum('model', 'student', ['student', 'teacher'], 'Which model of the run.')
   flags.DEFINE_string('out', None, 'Output directory.')
-  flags.DEFINE_integer('stride', 0, 'Tile step in pixels at the model magnification (0: the tile '
-                       'size, i.e. tiles side by side).')
-  flags.DEFINE_integer('batch_size', 64, 'Tiles per compiled batch (rounded up to the devices).')
-  flags.DEFINE_integer('readers', 4, 'Reader threads (one OpenSlide handle each).')
-  flags.DEFINE_integer('prefetch', 0, 'Batches read ahead (0: 2 x readers).')
-  flags.DEFINE_float('slide_magnification', None, 'Level-0 magnification of every slide (overrides '
-                     'the metadata; needed for slides without it).')
-  flags.DEFINE_float('mpp', None, 'Level-0 micrometres per pixel of every slide (overrides the '
-                     'metadata; magnification = 10 / mpp).')
-  flags.DEFINE_float('tissue_fraction', 0.5, 'Minimum tissue fraction of a tile to predict it.')
-  flags.DEFINE_float('min_saturation', 0.05, 'Lower bound of the Otsu saturation threshold.')
-  flags.DEFINE_string('patterns', '', 'Gleason pattern of each class, e.g. '
+  flags.DEFINE_integer('stride', d['stride'], 'Tile step in pixels at the model magnification '
+                       '(0: the tile size, i.e. tiles side by side).')
+  flags.DEFINE_integer('batch_size', d['batch_size'], 'Tiles per compiled batch (rounded up to '
+                       'the devices).')
+  flags.DEFINE_integer('readers', d['readers'], 'Reader threads (one OpenSlide handle each).')
+  flags.DEFINE_integer('prefetch', d['prefetch'], 'Batches read ahead (0: 2 x readers).')
+  flags.DEFINE_float('slide_magnification', d['slide_magnification'], 'Level-0 magnification of '
+                     'every slide (overrides the metadata; needed for slides without it).')
+  flags.DEFINE_float('mpp', d['mpp'], 'Level-0 micrometres per pixel of every slide (overrides '
+                     'the metadata; magnification = 10 / mpp).')
+  flags.DEFINE_float('tissue_fraction', d['tissue_fraction'], 'Minimum tissue fraction of a tile '
+                     'to predict it.')
+  flags.DEFINE_float('min_saturation', d['min_saturation'], 'Lower bound of the Otsu saturation '
+                     'threshold.')
+  flags.DEFINE_string('patterns', d['patterns'], 'Gleason pattern of each class, e.g. '
                       '"NC=benign,G3=3,G4=4,G5=5,ART=none" ("": NC/G3/G4/G5 by name; classes '
                       'that are not Gleason patterns and no mapping: no slide score).')
-  flags.DEFINE_float('min_share', 0.05, 'A pattern counts in the score when it covers at least '
-                     'this share of the tumour (noise threshold).')
-  flags.DEFINE_float('min_tumour', 0.05, 'A slide has tumour when its tumour covers at least '
-                     'this share of the tissue; else it is benign (noise threshold).')
-  flags.DEFINE_enum('weighting', 'count', ['count', 'probability'], 'Pattern areas: each tile '
-                    'to its predicted class (count) or split by its probabilities.')
-  flags.DEFINE_string('labels', None, 'CSV/XLSX of slide_id, Gleason_primary, '
+  flags.DEFINE_float('min_share', r['min_share'], 'A pattern counts in the score when it covers '
+                     'at least this share of the tumour (noise threshold).')
+  flags.DEFINE_float('min_tumour', r['min_tumour'], 'A slide has tumour when its tumour covers '
+                     'at least this share of the tissue; else it is benign (noise threshold).')
+  flags.DEFINE_enum('weighting', r['weighting'], list(gleason.WEIGHTINGS), 'Pattern areas: each '
+                    'tile to its predicted class (count) or split by its probabilities.')
+  flags.DEFINE_string('labels', d['labels'], 'CSV/XLSX of slide_id, Gleason_primary, '
                       'Gleason_secondary (SICAPv2\'s wsi_labels.xlsx): slide-level metrics.')
-  flags.DEFINE_bool('overwrite', False, 'Redo the slides that slides.csv lists as done.')
-  flags.DEFINE_bool('geojson_gzip', False, 'Write tiles.geojson.gz / regions.geojson.gz (about '
-                    '12x smaller; QuPath reads them, not every GeoJSON tool does).')
-  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (jax.distributed).')
-  flags.DEFINE_integer('num_processes', None, 'Number of processes (jax.distributed).')
-  flags.DEFINE_integer('process_id', None, 'This process (jax.distributed).')
+  flags.DEFINE_bool('overwrite', d['overwrite'], 'Redo the slides that slides.csv lists as done.')
+  flags.DEFINE_bool('geojson_gzip', d['geojson_gzip'], 'Write tiles.geojson.gz / '
+                    'regions.geojson.gz (about 12x smaller; QuPath reads them, not every GeoJSON '
+                    'tool does).')
+  cli.define_distributed_flags()
 
 
-# ----------------------------------------------------------------------------- options
-class Options:
-  """What the runner needs besides the model (the flags, or set in tests)."""
-
-  def __init__(self, stride=0, batch_size=64, readers=4, prefetch=0, slide_magnification=None,
-               mpp=None, tissue_fraction=0.5, min_saturation=0.05, progress_every_s=2.0,
-               patterns='', rules=None, labels=None, overwrite=False, geojson_gzip=False):
-    self.stride, self.batch_size, self.readers = stride, batch_size, readers
-    self.prefetch = prefetch or 2 * readers
-    self.slide_magnification, self.mpp = slide_magnification, mpp
-    self.tissue_fraction, self.min_saturation = tissue_fraction, min_saturation
-    self.progress_every_s = progress_every_s
-    self.patterns, self.rules = patterns, rules or gleason.Rules()  # see camkd_jax/gleason.py
-    self.labels, self.overwrite, self.geojson_gzip = labels, overwrite, geojson_gzip
+def options_from_flags() -> Options:
+  """Options of the parsed flags."""
+  names = [f.name for f in dataclasses.fields(Options) if f.name in FLAGS]
+  return Options(**{n: FLAGS[n].value for n in names},
+                 rules=gleason.Rules(FLAGS.min_share, FLAGS.min_tumour, FLAGS.weighting))
 
 
 def my_slides(paths: List[str], process_index: int, process_count: int) -> List[str]:
@@ -153,6 +181,15 @@ class Progress:
       logging.info('%s', self.line())
 
 
+def log_grade(name: str, g: Dict[str, Any]):
+  """The log line of a slide's Gleason score (gleason.slide_score's dict)."""
+  grade = (f"Gleason {g['score']}, grade group {g['grade_group']}" if g['grade_group']
+           else 'benign')
+  logging.info('%s: %s (tumour %.1f %% of tissue; patterns 3/4/5: %.1f / %.1f / %.1f %% of '
+               'tumour)', name, grade, g['tumour_percent'],
+               *(g['pattern_percent'][p] for p in '345'))
+
+
 # ----------------------------------------------------------------------------- one slide's state
 class SlideJob:
   """Predictions of one slide as its batches come back."""
@@ -182,8 +219,6 @@ class SlideRunner:
   def __init__(self, run_model, which: str, out_dir: str, options: Options, predictor=None,
                cohort: Optional[slide_outputs.CohortTable] = None):
     from camkd_jax import inference  # pylint: disable=g-import-not-at-top
-    from camkd_jax import wsi  # pylint: disable=g-import-not-at-top
-    self.wsi = wsi
     self.rm, self.which, self.out_dir, self.opt = run_model, which, out_dir, options
     self.patterns = gleason.class_patterns(run_model.class_names, options.patterns)
     self.cohort = cohort
@@ -196,7 +231,7 @@ class SlideRunner:
     """Processes every slide; returns one record per slide ({'slide', 'status', ...})."""
     names = names or output_names(paths)
     self.progress = Progress(len(paths), self.opt.progress_every_s)
-    reader = self.wsi.TileReader(self.opt.readers)
+    reader = wsi.TileReader(self.opt.readers)
     reads, device = collections.deque(), collections.deque()
     self.t0 = time.time()
     try:
@@ -218,11 +253,11 @@ class SlideRunner:
     for path, name in zip(paths, names):
       t = time.time()
       try:
-        plan = self.wsi.plan_slide(
+        plan = wsi.plan_slide(
             path, self.rm.magnification, self.rm.tile_size, self.stride,
             self.opt.slide_magnification, self.opt.mpp, self.opt.tissue_fraction,
             self.opt.min_saturation)
-      except self.wsi.SlideError as e:
+      except wsi.SlideError as e:
         self._fail(path, name, str(e))
         continue
       job = SlideJob(name, plan, len(self.rm.class_names), self.predictor.batch_size)
@@ -241,7 +276,7 @@ class SlideRunner:
     job, index, future = item
     try:
       tiles = future.result()
-    except self.wsi.SlideError as e:
+    except wsi.SlideError as e:
       job.error = job.error or str(e)
       tiles = None
     if job.error:  # a failed slide's remaining batches are dropped
@@ -277,10 +312,12 @@ class SlideRunner:
 
   def _finish(self, job: SlideJob):
     seconds = time.time() - job.t_start
-    summary = slide_summary(job, self.rm, self.which, seconds, self.patterns, self.opt.rules)
+    summary = slide_outputs.slide_summary(job.plan, job.probs, self.rm, self.which, seconds,
+                                          job.plan_seconds, self.patterns, self.opt.rules)
     try:
-      write_slide_outputs(os.path.join(self.out_dir, job.name), job, self.rm.class_names,
-                          summary, self.patterns, self.opt.geojson_gzip)
+      slide_outputs.write_slide(os.path.join(self.out_dir, job.name), job.plan, job.probs,
+                                self.rm.class_names, summary, self.patterns,
+                                self.opt.geojson_gzip)
     except OSError as e:
       self._fail(job.plan.path, job.name, f'{job.plan.path}: writing its outputs failed: {e}',
                  job)
@@ -291,68 +328,10 @@ class SlideRunner:
     g = summary.get('gleason')
     if g:
       self.results[-1].update(score=g['score'], grade_group=g['grade_group'])
-      grade = (f"Gleason {g['score']}, grade group {g['grade_group']}" if g['grade_group']
-               else 'benign')
-      logging.info('%s: %s (tumour %.1f %% of tissue; patterns 3/4/5: %.1f / %.1f / %.1f %% of '
-                   'tumour)', job.name, grade, g['tumour_percent'],
-                   *(g['pattern_percent'][p] for p in '345'))
+      log_grade(job.name, g)
     if self.cohort is not None:
       self.cohort.update(slide_outputs.cohort_row(job.name, job.plan.path, 'ok', '', summary))
     self.progress.finish_slide()
-
-
-# ----------------------------------------------------------------------------- outputs
-def slide_summary(job: SlideJob, rm, which: str, seconds: float, patterns=None,
-                  rules: gleason.Rules = gleason.Rules()) -> Dict[str, Any]:
-  plan, probs = job.plan, job.probs
-  pred = probs.argmax(1) if len(probs) else np.zeros(0, int)
-  n = len(pred)
-  names = list(rm.class_names)
-  return {
-      'slide': os.path.abspath(plan.path),
-      'vendor': plan.properties.get('openslide.vendor'),
-      'dimensions': list(plan.dimensions),
-      'magnification': plan.magnification, 'magnification_source': plan.magnification_source,
-      'mpp': plan.mpp,
-      'model': {'which': which, 'path': rm.path, 'magnification': rm.magnification,
-                'factor': rm.factor, 'view': rm.view, 'tile_size': rm.tile_size,
-                'image_size': rm.image_size, 'class_names': names},
-      'level': plan.level, 'level_downsample': plan.level_downsample,
-      'resample': plan.scale, 'read_size': plan.read_size, 'stride': plan.stride,
-      'grid': list(plan.grid_shape), 'tiles_in_grid': int(np.prod(plan.grid_shape)),
-      'tissue_tiles': n, 'tissue_threshold': plan.threshold,
-      'tissue_area_mm2': plan.tissue_area_mm2(),
-      'class_counts': {c: int((pred == i).sum()) for i, c in enumerate(names)},
-      'class_fractions': {c: float((pred == i).mean()) if n else None
-                          for i, c in enumerate(names)},
-      'mean_probabilities': {c: float(probs[:, i].mean()) if n else None
-                             for i, c in enumerate(names)},
-      'seconds': seconds, 'plan_seconds': job.plan_seconds,
-      'tiles_per_second': n / seconds if seconds > 0 else None,
-      **slide_gleason(plan, probs, patterns, rules, names),
-  }
-
-
-def tile_area_mm2(plan) -> Optional[float]:
-  """Level-0 area of one grid cell (stride x stride model pixels) in mm^2, None without MPP."""
-  if not plan.mpp:
-    return None
-  return float((plan.stride * plan.s0 * plan.mpp) ** 2 / 1e6)
-
-
-def slide_gleason(plan, probs, patterns, rules, class_names) -> Dict[str, Any]:
-  """{'gleason': the slide score} when the classes are Gleason patterns, else {}."""
-  if patterns is None:
-    return {}
-  g = gleason.slide_score(probs, patterns, rules, tile_area_mm2(plan))
-  g['class_patterns'] = dict(zip(class_names, patterns))
-  return {'gleason': g}
-
-
-def write_slide_outputs(directory: str, job: SlideJob, class_names, summary, patterns=None,
-                        geojson_gzip=False):
-  slide_outputs.write_slide(directory, job.plan, job.probs, class_names, summary, patterns,
-                            geojson_gzip)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -408,34 +387,16 @@ def run_slides(workdir, which, paths, out_dir, options: Options, process_index=0
   return results
 
 
-def _quiet_libraries(record):
-  """Drops INFO lines of orbax / JAX internals; warnings stay."""
-  noisy = any(f'{os.sep}{lib}{os.sep}' in record.pathname for lib in ('orbax', 'jax'))
-  return not (noisy and record.levelno < std_logging.WARNING)
-
-
 def main(argv):
   paths = argv[1:]
   if not paths:
     raise app.UsageError('give one or more slide files after the flags')
-  logging.get_absl_handler().python_handler.addFilter(_quiet_libraries)
-  from camkd_jax import distributed  # pylint: disable=g-import-not-at-top
-  distributed.maybe_initialize(None, coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  import jax  # pylint: disable=g-import-not-at-top
-  try:
-    rules = gleason.Rules(FLAGS.min_share, FLAGS.min_tumour, FLAGS.weighting)
-    options = Options(FLAGS.stride, FLAGS.batch_size, FLAGS.readers, FLAGS.prefetch,
-                      FLAGS.slide_magnification, FLAGS.mpp, FLAGS.tissue_fraction,
-                      FLAGS.min_saturation, patterns=FLAGS.patterns, rules=rules,
-                      labels=FLAGS.labels, overwrite=FLAGS.overwrite,
-                      geojson_gzip=FLAGS.geojson_gzip)
-    results = run_slides(FLAGS.workdir, FLAGS.model, paths, FLAGS.out, options,
+  cli.quiet_logging()
+  with cli.user_errors(cli.COMMAND_ERRORS + (ImportError,)):  # ImportError: no OpenSlide
+    cli.initialize_distributed()
+    import jax  # pylint: disable=g-import-not-at-top
+    results = run_slides(FLAGS.workdir, FLAGS.model, paths, FLAGS.out, options_from_flags(),
                          jax.process_index(), jax.process_count())
-  except (FileNotFoundError, ValueError, ImportError, errors.UserError) as e:
-    logging.error('%s', e)
-    print(f'error: {e}', file=sys.stderr)
-    return 2
   # Every process waits for the others: none leaves the distributed runtime while others work.
   from camkd_jax import checkpoints  # pylint: disable=g-import-not-at-top
   checkpoints.sync('camkd_jax_slide_done')

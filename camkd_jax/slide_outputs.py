@@ -8,7 +8,9 @@ Per slide, in OUT/<slide>/:
                    color [r, g, b]}, measurements {prob_<class>, tissue};
   regions.geojson  per predicted class the union of its tiles (shapely) as (Multi)Polygon
                    annotations, with area measurements (um^2 when the MPP is known);
-  heatmap.png, overlay.png, summary.json.
+  heatmap.png, overlay.png  the pictures (camkd_jax/slide_plots.py);
+  summary.json     the slide, the model, the level and grid read, tissue, class shares, timing
+                   and the Gleason score when the classes are Gleason patterns (camkd_jax/gleason.py).
 Per cohort, OUT/slides.csv: one row per slide, rewritten atomically as each slide finishes.
 
 Tile boxes are integer level-0 pixels on the exact grid: tile (row, col) spans
@@ -19,15 +21,16 @@ import csv
 import io
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from absl import logging
 import numpy as np
 
 from camkd_jax import errors
+from camkd_jax import gleason
+from camkd_jax import slide_plots
 
-CLASS_COLOURS = ('#1b9e77', '#d95f02', '#7570b3', '#e7298a', '#66a61e', '#e6ab02', '#a6761d',
-                 '#666666', '#1f78b4', '#b2df8a')
+CLASS_COLOURS = slide_plots.CLASS_COLOURS
 
 
 def class_rgb(i: int) -> List[int]:
@@ -275,81 +278,54 @@ def finish_cohort(out_dir: str, process_count: int, labels_path: Optional[str]):
   return m
 
 
-# ----------------------------------------------------------------------------- pictures
-def probability_grids(plan, probs) -> np.ndarray:
-  """(C, rows, cols) probabilities on the tile grid, NaN where no tissue tile was predicted."""
-  grids = np.full((probs.shape[1],) + tuple(plan.grid_shape), np.nan, np.float32)
-  grids[:, plan.grid[:, 0], plan.grid[:, 1]] = probs.T
-  return grids
+# ----------------------------------------------------------------------------- summary.json
+def slide_summary(plan, probs, rm, which: str, seconds: float, plan_seconds: float,
+                  patterns=None, rules: gleason.Rules = gleason.Rules()) -> Dict[str, Any]:
+  """summary.json of one slide: the slide, the model (an inference.RunModel), the level and grid
+  read, the tissue, the class counts, fractions and mean probabilities, the timing, and the
+  Gleason score when the classes are Gleason patterns (`patterns`, gleason.class_patterns)."""
+  pred = probs.argmax(1) if len(probs) else np.zeros(0, int)
+  n = len(pred)
+  names = list(rm.class_names)
+  return {
+      'slide': os.path.abspath(plan.path),
+      'vendor': plan.properties.get('openslide.vendor'),
+      'dimensions': list(plan.dimensions),
+      'magnification': plan.magnification, 'magnification_source': plan.magnification_source,
+      'mpp': plan.mpp,
+      'model': {'which': which, 'path': rm.path, 'magnification': rm.magnification,
+                'factor': rm.factor, 'view': rm.view, 'tile_size': rm.tile_size,
+                'image_size': rm.image_size, 'class_names': names},
+      'level': plan.level, 'level_downsample': plan.level_downsample,
+      'resample': plan.scale, 'read_size': plan.read_size, 'stride': plan.stride,
+      'grid': list(plan.grid_shape), 'tiles_in_grid': int(np.prod(plan.grid_shape)),
+      'tissue_tiles': n, 'tissue_threshold': plan.threshold,
+      'tissue_area_mm2': plan.tissue_area_mm2(),
+      'class_counts': {c: int((pred == i).sum()) for i, c in enumerate(names)},
+      'class_fractions': {c: float((pred == i).mean()) if n else None
+                          for i, c in enumerate(names)},
+      'mean_probabilities': {c: float(probs[:, i].mean()) if n else None
+                             for i, c in enumerate(names)},
+      'seconds': seconds, 'plan_seconds': plan_seconds,
+      'tiles_per_second': n / seconds if seconds > 0 else None,
+      **slide_gleason(plan, probs, patterns, rules, names),
+  }
 
 
-def _extent(plan):
-  """imshow extent (level-0 pixels) of the tile grid: cell (r, c) centred on its tile."""
-  s0 = plan.s0
-  off = (plan.tile - plan.stride) * s0 / 2
-  rows, cols = plan.grid_shape
-  return (off, off + cols * plan.stride * s0, off + rows * plan.stride * s0, off)
+def tile_area_mm2(plan) -> Optional[float]:
+  """Level-0 area of one grid cell (stride x stride model pixels) in mm^2, None without MPP."""
+  if not plan.mpp:
+    return None
+  return float((plan.stride * plan.s0 * plan.mpp) ** 2 / 1e6)
 
 
-def _class_map(plan, probs):
-  grids = probability_grids(plan, probs)
-  valid = ~np.isnan(grids[0])
-  cls = np.where(valid, np.nan_to_num(grids, nan=-1).argmax(0), -1).astype(float)
-  return np.where(valid, cls, np.nan)
-
-
-def save_heatmaps(path, plan, probs, class_names):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from matplotlib import colors  # pylint: disable=g-import-not-at-top
-  c = len(class_names)
-  grids = probability_grids(plan, probs)
-  fig, axes = plt.subplots(1, c + 1, figsize=(3.2 * (c + 1), 3.4), squeeze=False)
-  for i, name in enumerate(class_names):
-    ax = axes[0, i]
-    im = ax.imshow(grids[i], vmin=0, vmax=1, cmap='magma', interpolation='nearest',
-                   extent=_extent(plan))
-    ax.set_title(f'P({name})')
-  fig.colorbar(im, ax=axes[0, :c].tolist(), shrink=0.8)
-  cmap = colors.ListedColormap(CLASS_COLOURS[:c])
-  axes[0, c].imshow(_class_map(plan, probs), cmap=cmap, vmin=-0.5, vmax=c - 0.5,
-                    interpolation='nearest', extent=_extent(plan))
-  axes[0, c].set_title('predicted class')
-  _legend(axes[0, c], class_names)
-  for ax in axes[0]:
-    ax.set_xticks([])
-    ax.set_yticks([])
-  fig.suptitle(os.path.basename(plan.path), fontsize=9)
-  errors.atomic_write(path, lambda f: fig.savefig(f, dpi=100, format='png'), mode='wb')
-  plt.close(fig)
-
-
-def _legend(ax, class_names):
-  from matplotlib.patches import Patch  # pylint: disable=g-import-not-at-top
-  ax.legend(handles=[Patch(color=CLASS_COLOURS[i], label=n) for i, n in enumerate(class_names)],
-            loc='upper left', bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
-
-
-def save_overlay(path, plan, probs, class_names):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from matplotlib import colors  # pylint: disable=g-import-not-at-top
-  c = len(class_names)
-  w, h = plan.dimensions
-  fig, ax = plt.subplots(figsize=(7, 7 * h / max(w, 1) + 0.5))
-  ax.imshow(plan.thumbnail, extent=(0, w, h, 0))
-  ax.imshow(_class_map(plan, probs), cmap=colors.ListedColormap(CLASS_COLOURS[:c]),
-            vmin=-0.5, vmax=c - 0.5, alpha=0.45, interpolation='nearest', extent=_extent(plan))
-  ax.set_xlim(0, w)
-  ax.set_ylim(h, 0)
-  ax.set_axis_off()
-  _legend(ax, class_names)
-  ax.set_title(os.path.basename(plan.path), fontsize=9)
-  errors.atomic_write(path, lambda f: fig.savefig(f, dpi=100, bbox_inches='tight', format='png'),
-                      mode='wb')
-  plt.close(fig)
+def slide_gleason(plan, probs, patterns, rules, class_names) -> Dict[str, Any]:
+  """{'gleason': the slide score} when the classes are Gleason patterns, else {}."""
+  if patterns is None:
+    return {}
+  g = gleason.slide_score(probs, patterns, rules, tile_area_mm2(plan))
+  g['class_patterns'] = dict(zip(class_names, patterns))
+  return {'gleason': g}
 
 
 # ----------------------------------------------------------------------------- one slide
@@ -361,6 +337,6 @@ def write_slide(directory, plan, probs, class_names, summary, patterns=None, geo
   write_tiles_geojson(os.path.join(directory, 'tiles' + ext), plan, probs, class_names)
   write_regions_geojson(os.path.join(directory, 'regions' + ext), plan, probs, class_names,
                         plan.mpp, patterns)
-  save_heatmaps(os.path.join(directory, 'heatmap.png'), plan, probs, class_names)
-  save_overlay(os.path.join(directory, 'overlay.png'), plan, probs, class_names)
+  slide_plots.save_heatmaps(os.path.join(directory, 'heatmap.png'), plan, probs, class_names)
+  slide_plots.save_overlay(os.path.join(directory, 'overlay.png'), plan, probs, class_names)
   write_json(os.path.join(directory, 'summary.json'), summary)

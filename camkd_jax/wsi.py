@@ -30,6 +30,8 @@ import PIL.Image
 MAG_TOLERANCE = 0.01
 THUMB_PIXELS_PER_TILE = 8      # thumbnail pixels across one tile footprint
 MAX_THUMBNAIL = 4096
+TISSUE_FRACTION = 0.5          # tissue share of a tile's footprint for the tile to be predicted
+MIN_SATURATION = 0.05          # lower bound of the Otsu saturation threshold
 
 
 class SlideError(Exception):
@@ -100,7 +102,8 @@ def choose_level(downsamples, slide_mag: float, model_mag: float) -> Tuple[int, 
 
 
 # ----------------------------------------------------------------------------- tissue
-def tissue_mask(thumb_rgb: np.ndarray, min_saturation: float = 0.05) -> Tuple[np.ndarray, float]:
+def tissue_mask(thumb_rgb: np.ndarray,
+                min_saturation: float = MIN_SATURATION) -> Tuple[np.ndarray, float]:
   """(bool mask, threshold): HSV saturation above max(Otsu, min_saturation)."""
   from skimage import color, filters  # pylint: disable=g-import-not-at-top
   sat = color.rgb2hsv(thumb_rgb[..., :3])[..., 1]
@@ -173,7 +176,8 @@ class SlidePlan:
 
 def plan_slide(path: str, model_mag: float, tile: int, stride: int,
                magnification: Optional[float] = None, mpp: Optional[float] = None,
-               tissue_fraction: float = 0.5, min_saturation: float = 0.05) -> SlidePlan:
+               tissue_fraction: float = TISSUE_FRACTION,
+               min_saturation: float = MIN_SATURATION) -> SlidePlan:
   """Opens `path`, picks the level and finds the tissue tiles (SlideError on any problem)."""
   slide = open_slide(path)
   try:

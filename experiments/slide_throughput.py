@@ -48,6 +48,7 @@ from camkd_jax import benchmark  # pylint: disable=g-import-not-at-top,wrong-imp
 from camkd_jax import inference  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import slide as slide_lib  # pylint: disable=wrong-import-position
+from camkd_jax import slide_outputs  # pylint: disable=wrong-import-position
 from camkd_jax import slide_testdata  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import wsi  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -109,8 +110,8 @@ class Row:
     job = slide_lib.SlideJob('bench', self.plan, len(rm.class_names), args.batch_size)
     job.probs[:] = 1.0 / len(rm.class_names)
     t = time.perf_counter()
-    slide_lib.write_slide_outputs(os.path.join(self.out, 'outputs_timing'), job,
-                                  rm.class_names, {})
+    slide_outputs.write_slide(os.path.join(self.out, 'outputs_timing'), job.plan, job.probs,
+                              rm.class_names, {})
     self.outputs_s = time.perf_counter() - t
 
   def read_all(self):

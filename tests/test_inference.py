@@ -57,6 +57,25 @@ def test_predict_matches_model_apply(run_dir, which):
   assert predictor.compiled_programs() == 1
 
 
+def test_full_resolution_patches_are_seen_as_in_evaluation(run_dir):
+  """full_resolution=True (camkd_jax.predict): 32 px patches at the teacher's magnification;
+  the f=4 student sees each average-pooled by 4 and upsampled back (align_corners), against a
+  float64 NumPy reference of both; the teacher sees the patch itself (its tile predictions)."""
+  workdir, model, _, sparams = run_dir
+  patches = _tiles(5, 32, seed=2)
+  rm = inference.load_run_model(workdir, 'student')
+  pooled = patches.astype(np.float64).reshape(5, 8, 4, 8, 4, 3).mean((2, 4)) / 255.0
+  want = _reference_probs(model, sparams, reference_np.bilinear_align_corners(pooled, 32, 32))
+  predictor = inference.Predictor(rm, 2, full_resolution=True)
+  np.testing.assert_allclose(predictor.predict(patches), want, atol=2e-5)
+  with pytest.raises(ValueError, match=r"\(N, 32, 32, 3\) at the teacher's magnification"):
+    predictor.predict(patches[:, :8, :8])
+  teacher = inference.load_run_model(workdir, 'teacher')
+  np.testing.assert_array_equal(
+      inference.Predictor(teacher, 2, full_resolution=True).predict(patches),
+      inference.Predictor(teacher, 2).predict(patches))
+
+
 def test_native_view_feeds_the_tile_itself(tmp_path):
   """A student exported with view 'native' runs on the 16 px tile itself (VGG's smallest input:
   a smaller one leaves no block5 map and gives NaN, which assert_allclose would take as equal)."""

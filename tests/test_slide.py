@@ -14,6 +14,7 @@ openslide = pytest.importorskip('openslide')  # the `slides` extra, part of `tes
 from camkd_jax import gleason  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import inference  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import slide as slide_cli  # pylint: disable=wrong-import-position
+from camkd_jax import slide_outputs  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import slide_testdata  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import wsi  # pylint: disable=g-import-not-at-top,wrong-import-position
 import conftest  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -374,7 +375,7 @@ def test_ground_truth_map_of_a_known_composition_scores_exactly(tmp_path, counts
   plan = wsi.plan_slide(truth.path, 10, P, P)
   labels = truth.cells[plan.grid[:, 0], plan.grid[:, 1]]
   assert (labels >= 0).all() and np.bincount(labels, minlength=4).tolist() == list(counts)
-  g = gleason.slide_score(np.eye(4)[labels], GLEASON, tile_area_mm2=slide_cli.tile_area_mm2(plan))
+  g = gleason.slide_score(np.eye(4)[labels], GLEASON, tile_area_mm2=slide_outputs.tile_area_mm2(plan))
   assert (g['score'], g['grade_group']) == (text, group)
   tumour = sum(counts[1:])
   assert g['pattern_percent'] == pytest.approx(
@@ -480,7 +481,6 @@ def test_an_interrupted_cohort_keeps_its_rows_and_the_rerun_finishes_it(slides, 
                                                                         tmp_path, monkeypatch):
   """Ctrl-C while the second slide's outputs are written: slides.csv holds the first slide's
   row; the same command again skips it and does the second."""
-  from camkd_jax import slide_outputs  # pylint: disable=g-import-not-at-top
   _, s = slides
   paths, out = [s['s10'].path, s['s20'].path], tmp_path / 'out'
   real = slide_outputs.write_slide

@@ -13,6 +13,7 @@ import json
 import os
 from typing import Optional, Sequence
 
+from absl import logging
 import numpy as np
 
 from camkd_jax import errors
@@ -229,13 +230,38 @@ def corrupt_message(name, reason):
           'config.data.skip_corrupt=True to skip unreadable images.')
 
 
-def corrupt_files_message(bad, total):
-  """One message for every unreadable file: bad = [(name, reason)] of `total` files checked."""
+SKIP_CORRUPT = 'config.data.skip_corrupt=True'  # what skips unreadable images (in training)
+
+
+def corrupt_files_message(bad, total, skip_with=SKIP_CORRUPT):
+  """One message for every unreadable file: bad = [(name, reason)] of `total` files checked;
+  `skip_with`: what skips them (the training config's key, or a command's flag)."""
   shown = '\n  '.join(f'{n} ({r})' for n, r in bad[:SHOW_FIRST])
   more = f'\n  ... and {len(bad) - SHOW_FIRST} more' if len(bad) > SHOW_FIRST else ''
   return (f'{len(bad)} of {total} image(s) cannot be read or decoded:\n  {shown}{more}\n'
-          'Replace or remove them, or set config.data.skip_corrupt=True to skip unreadable '
+          f'Replace or remove them, or set {skip_with} to skip unreadable '
           'images (they are then listed in the log).')
+
+
+def readable_files(paths: Sequence[str], where: str, skip_corrupt: bool,
+                   skip_with: str = SKIP_CORRUPT, cache_key: str = ''):
+  """(indices of the readable files, [(index, reason)] of the others, {path: (h, w)}).
+
+  Every file is decoded once (check_files: threaded, cached under `cache_key`); unreadable ones
+  are one DataError starting with `where` and listing them all, or, with `skip_corrupt`, dropped
+  and logged by name.
+  """
+  checks = check_files(paths, cache_key=cache_key)
+  bad = [(i, r) for i, (r, _, _) in enumerate(checks) if r is not None]
+  if bad and not skip_corrupt:
+    raise DataError(f'{where}: ' + corrupt_files_message([(paths[i], r) for i, r in bad],
+                                                         len(paths), skip_with))
+  if bad:
+    logging.warning('%s: skipped %d unreadable image(s) (%s): %s', where, len(bad),
+                    skip_with, '; '.join(f'{paths[i]} ({r})' for i, r in bad))
+  drop = {i for i, _ in bad}
+  sizes = {paths[i]: (h, w) for i, (r, h, w) in enumerate(checks) if r is None}
+  return [i for i in range(len(paths)) if i not in drop], bad, sizes
 
 
 # ---------------------------------------------------------------- tables (CSV / XLSX)

@@ -39,17 +39,25 @@ def _opt(config, key, default):
   return config.data.get(key, default) if hasattr(config.data, 'get') else default
 
 
-def _list_images(directory):
-  """Image files under `directory` (recursively), sorted, hidden files ignored."""
+def _is_image_name(name):
+  return not name.startswith('.') and name.lower().endswith(base.IMAGE_EXTENSIONS)
+
+
+def list_images(directory, recursive=True):
+  """Image files in `directory` (and its sub-folders when `recursive`), sorted, hidden files
+  ignored."""
+  if not recursive:
+    return sorted(os.path.join(directory, f) for f in os.listdir(directory)
+                  if _is_image_name(f) and os.path.isfile(os.path.join(directory, f)))
   out = []
   for dirpath, dirnames, filenames in os.walk(directory):
     dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-    out += [os.path.join(dirpath, f) for f in filenames
-            if not f.startswith('.') and f.lower().endswith(base.IMAGE_EXTENSIONS)]
+    out += [os.path.join(dirpath, f) for f in filenames if _is_image_name(f)]
   return sorted(out)
 
 
-def _subdirs(path):
+def list_folders(path):
+  """The sub-folders of `path`, sorted, hidden ones ignored."""
   return sorted(d for d in os.listdir(path)
                 if os.path.isdir(os.path.join(path, d)) and not d.startswith('.'))
 
@@ -125,26 +133,6 @@ def seeded_split(labels, num_classes, ratio, seed):
   return {s: np.sort(np.asarray(v, np.int64)) for s, v in parts.items()}
 
 
-def _readable(name, where, paths, config):
-  """(indices of the readable files, [(index, reason)] of the others, {path: (h, w)}).
-
-  Every file is decoded once up front (base.check_files: threaded, cached); unreadable ones are
-  one error listing them all, or dropped with config.data.skip_corrupt (logged by name).
-  """
-  checks = base.check_files(paths, cache_key=where)
-  bad = [(i, r) for i, (r, _, _) in enumerate(checks) if r is not None]
-  if bad and not config.data.skip_corrupt:
-    raise DataError(f'{name} dataset {where}: '
-                    + base.corrupt_files_message([(paths[i], r) for i, r in bad], len(paths)))
-  if bad:
-    logging.warning('%s dataset %s: skipped %d unreadable image(s) (config.data.skip_corrupt='
-                    'True): %s', name, where, len(bad),
-                    '; '.join(f'{paths[i]} ({r})' for i, r in bad))
-  drop = {i for i, _ in bad}
-  sizes = {paths[i]: (h, w) for i, (r, h, w) in enumerate(checks) if r is None}
-  return [i for i in range(len(paths)) if i not in drop], bad, sizes
-
-
 def _split_indices(labels, splits, origin, class_names, config):
   """{split: indices} from each file's split ('' everywhere: config.data.split_ratio); carves
   validation out of train when there is none (updates `origin`)."""
@@ -183,7 +171,8 @@ def _finish(name, where, class_names, paths, labels, splits, origin, config, sli
             **extra):
   """Checks every image, splits the readable ones and builds the ListSource (with the record
   of which file went where). `slides`: the slide of each image (a table's slide column)."""
-  keep, bad, sizes = _readable(name, where, list(paths), config)
+  keep, bad, sizes = base.readable_files(list(paths), f'{name} dataset {where}',
+                                         config.data.skip_corrupt, cache_key=where)
   skipped = [(paths[i], class_names[labels[i]], 'skipped', f'{splits[i] or "any"}: {r}')
              for i, r in bad]
   paths, splits, origin = ([x[i] for i in keep] for x in (paths, splits, origin))
@@ -225,7 +214,7 @@ def _split_folders(root, subdirs, split_dirs):
 
 
 def _from_split_folders(root, found, config):
-  classes = {c for d in found.values() for c in _subdirs(os.path.join(root, d))}
+  classes = {c for d in found.values() for c in list_folders(os.path.join(root, d))}
   if not classes:
     raise base.DataNotFoundError(f'folder dataset {root}: no class folders inside the split '
                                  'folders')
@@ -233,7 +222,7 @@ def _from_split_folders(root, found, config):
   paths, labels, splits = [], [], []
   for split in [s for s in base.SPLITS if s in found]:
     for k, c in enumerate(class_names):
-      files = _list_images(os.path.join(root, found[split], c))
+      files = list_images(os.path.join(root, found[split], c))
       paths += files
       labels += [k] * len(files)
       splits += [split] * len(files)
@@ -250,7 +239,7 @@ def _from_class_folders(root, subdirs, config):
     raise base.DataNotFoundError(f'folder dataset {root}: no class folders; expected {LAYOUT}')
   paths, labels = [], []
   for k, c in enumerate(class_names):
-    files = _list_images(os.path.join(root, c))
+    files = list_images(os.path.join(root, c))
     if not files:
       raise base.DataNotFoundError(f'folder dataset {root}: class folder {c!r} holds no image '
                                    f'files ({", ".join(base.IMAGE_EXTENSIONS)})')
@@ -266,7 +255,7 @@ def folder_source(config):
     raise base.DataNotFoundError(
         f'folder dataset: config.data.root={root!r} is not a directory. Expected {LAYOUT}; '
         'pass it as --config ...:dataset=folder,root=DIR')
-  subdirs = _subdirs(root)
+  subdirs = list_folders(root)
   split_dirs = {d: SPLIT_ALIASES[d.lower()] for d in subdirs if d.lower() in SPLIT_ALIASES}
   if split_dirs:
     found = _split_folders(root, subdirs, split_dirs)
@@ -298,7 +287,7 @@ def _rows_text(numbers):
   return 'row(s) ' + base.first_of(numbers)
 
 
-class _Table:
+class Table:
   """A read table: header, rows, 1-based row numbers and the column index."""
 
   def __init__(self, path):
@@ -376,7 +365,7 @@ def _labels_from_one_hot(t, config, split_col, image_col):
   return class_names, True, labels, None
 
 
-def _image_paths(t, image_col):
+def image_paths(t, image_col):
   """Absolute image paths of every row; one error lists every empty or missing path."""
   folder = os.path.dirname(os.path.abspath(t.path))
   paths, empty, missing = [], [], []
@@ -460,7 +449,7 @@ def table_source(config):
     raise base.DataNotFoundError(
         f'table dataset: config.data.table={path!r} is not a file; pass a .csv or .xlsx as '
         '--config ...:dataset=table,table=FILE')
-  t = _Table(path)
+  t = Table(path)
   t.image_col = config.data.image_column
   t.require(t.image_col, 'image_column')
   split_col = _split_column(t, config)
@@ -468,7 +457,7 @@ def table_source(config):
     class_names, given, labels, hints = _labels_from_column(t, config.data.label_column, config)
   else:
     class_names, given, labels, hints = _labels_from_one_hot(t, config, split_col, t.image_col)
-  paths = _image_paths(t, t.image_col)
+  paths = image_paths(t, t.image_col)
   splits = _row_splits(t, split_col)
   keep = _unique_rows(t, paths, labels, splits, class_names)
   t.rows, t.numbers = [t.rows[i] for i in keep], [t.numbers[i] for i in keep]
