@@ -27,6 +27,8 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from camkd_jax import parsing
+
 BENIGN = 0
 PATTERNS = (3, 4, 5)
 DEFAULT_PATTERNS = {'NC': BENIGN, 'G3': 3, 'G4': 4, 'G5': 5}
@@ -76,7 +78,7 @@ def parse_patterns(text: str) -> Dict[str, Optional[int]]:
   'benign' (or 0) is benign tissue, 3/4/5 the Gleason patterns, 'none' a class left out of the
   score (its tiles count neither as tissue nor as tumour, e.g. artefacts)."""
   out = {}
-  for item in [s.strip() for s in str(text).split(',') if s.strip()]:
+  for item in parsing.split_list(text):
     name, sep, value = item.partition('=')
     name, value = name.strip(), value.strip().lower()
     if not sep or not name:

@@ -41,7 +41,6 @@ from camkd_jax import ops
 from camkd_jax import sharding
 
 WHICH = ('student', 'teacher')
-VIEWS = ops.VIEWS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,9 +114,7 @@ def _model_dir(workdir: str, which: str) -> str:
 def _view(metadata, config) -> str:
   report = metadata.get('report') or {}
   view = report.get('view') or (config.get('student') or {}).get('view') or 'upsampled'
-  if view not in VIEWS:
-    raise ValueError(f'unknown student view {view!r}; known: {list(VIEWS)}')
-  return view
+  return ops.check_view(view)
 
 
 def load_run_model(workdir: str, which: str = 'student') -> RunModel:
@@ -174,8 +171,7 @@ def make_predict_step(model, factor: int, view: str, image_size: int, mesh,
   """Jitted `predict_step(params, tiles_uint8 (B, t, t, 3)) -> probabilities (B, C) float32`,
   batch-sharded over `mesh`, params replicated. With full_resolution the input is (B, S, S, 3)
   patches at the teacher's magnification (S = image_size), seen as in the run's evaluation."""
-  if view not in VIEWS:
-    raise ValueError(f'unknown view {view!r}; known: {list(VIEWS)}')
+  ops.check_view(view, 'view')
 
   def fn(params, tiles):
     if full_resolution:

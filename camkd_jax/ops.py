@@ -58,13 +58,20 @@ def avg_pool(x, factor: int):
 VIEWS = ('upsampled', 'native')
 
 
+def check_view(view: str, what: str = 'student view') -> str:
+  """`view` if it is one of VIEWS, else a ValueError 'unknown <what> <view>; known: [...]'
+  (`what` names where the view came from, e.g. 'config.student.view')."""
+  if view not in VIEWS:
+    raise ValueError(f'unknown {what} {view!r}; known: {list(VIEWS)}')
+  return view
+
+
 def student_view(images, factor: int, view: str = 'upsampled'):
   """The student's input from full-resolution images. 'upsampled' (the reference): average-pool by
   `factor`, then bilinear upsampling (align_corners=True) back to the input size, so the student
   runs on as many pixels as the teacher. 'native': the pooled image at its own size S / factor, so
   the student's convolutions run on 1 / factor^2 of the pixels. factor=1 returns the images."""
-  if view not in VIEWS:
-    raise ValueError(f'unknown student view {view!r}; known: {list(VIEWS)}')
+  check_view(view)
   if factor == 1:
     return images
   pooled = avg_pool(images, factor)

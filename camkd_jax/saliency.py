@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from camkd_jax import gradcam
 from camkd_jax import losses
 from camkd_jax import ops
+from camkd_jax import parsing
 from camkd_jax.models.vgg import layer_order
 
 # Guards, chosen far below any value a real map takes, so they only act on degenerate inputs.
@@ -277,7 +278,7 @@ def _parse_list(value, what, cast=str):
   if value is None:
     return ()
   if isinstance(value, str):
-    items = [v.strip() for v in value.split(',') if v.strip()]
+    items = parsing.split_list(value)
   elif isinstance(value, (list, tuple)):
     items = list(value)
   else:

@@ -32,6 +32,8 @@ from typing import Sequence, Tuple
 import numpy as np
 import PIL.Image
 
+from camkd_jax import parsing
+
 BACKGROUND = 255
 CLASS_NAMES = ('NC', 'G3', 'G4', 'G5')   # the synthetic histology classes 0..3
 WHITE = np.array([243, 241, 245])
@@ -91,7 +93,7 @@ def composition_layout(counts: Sequence[int], width: int = 0, gap: int = 1,
 def parse_composition(text: str) -> list:
   """'NC=20,G3=48,G4=32' -> cell counts per class [20, 48, 32, 0]."""
   counts = [0] * len(CLASS_NAMES)
-  for item in [s.strip() for s in text.split(',') if s.strip()]:
+  for item in parsing.split_list(text):
     name, _, n = item.partition('=')
     if name.strip() not in CLASS_NAMES or not n.strip().isdigit():
       raise ValueError(f'composition {text!r}: {item!r} is not CLASS=CELLS with CLASS in '

@@ -56,3 +56,12 @@ def test_native_view_is_the_pooled_image_at_its_own_size():
     ops.student_view(jnp.asarray(x), 2, 'full')
 
 
+
+
+def test_check_view_names_where_the_view_came_from():
+  assert [ops.check_view(v) for v in ops.VIEWS] == list(ops.VIEWS)
+  with pytest.raises(ValueError, match=r"^unknown student view 'full'; known: \['upsampled', "
+                                       r"'native'\]$"):
+    ops.check_view('full')
+  with pytest.raises(ValueError, match=r"^unknown config.student.view 'x'; known: "):
+    ops.check_view('x', 'config.student.view')

@@ -12,6 +12,7 @@ import jax
 from camkd_jax import distill
 from camkd_jax import models
 from camkd_jax import ops
+from camkd_jax import parsing
 from camkd_jax import sharding
 from camkd_jax.benchmark import report
 from camkd_jax.benchmark import timing
@@ -92,20 +93,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   return args
 
 
-def _split(text):
-  return [t.strip() for t in text.split(',') if t.strip()]
-
-
 def _check_args(parser, args):
   """Normalises list flags and rejects bad values with a message naming the flag."""
-  args.programs = _split(args.programs)
-  args.views = _split(args.views)
+  args.programs = parsing.split_list(args.programs)
+  args.views = parsing.split_list(args.views)
   try:
-    args.factors = [int(f) for f in _split(args.factors)] or [args.factor]
+    args.factors = [int(f) for f in parsing.split_list(args.factors)] or [args.factor]
   except ValueError:
     parser.error(f'--factors={args.factors!r}: expected comma-separated integers, e.g. 2,4,8')
-  args.dtypes = _split(args.dtypes)
-  args.terms = [tuple(_split(t)) for t in (args.terms or ['ce,fm,at'])]
+  args.dtypes = parsing.split_list(args.dtypes)
+  args.terms = [tuple(parsing.split_list(t)) for t in (args.terms or ['ce,fm,at'])]
   bad = [x for x in args.programs if x not in PROGRAMS]
   if bad or not args.programs:
     parser.error(f'--programs: unknown {bad}; choose from {list(PROGRAMS)}')
@@ -116,9 +113,11 @@ def _check_args(parser, args):
     bad = [t for t in terms if t not in distill.TERMS]
     if bad or not terms:
       parser.error(f'--terms={",".join(terms)}: unknown {bad}; choose from {list(distill.TERMS)}')
-  bad = [v for v in args.views if v not in ops.VIEWS]
-  if bad or not args.views:
-    parser.error(f'--views: unknown {bad}; choose from {list(ops.VIEWS)}')
+  for view in args.views or ['']:
+    try:
+      ops.check_view(view)
+    except ValueError as e:
+      parser.error(f'--views: {e}')
   for name in ('steps', 'batch_size', 'image_size', 'factor', 'rounds'):
     if getattr(args, name) < 1:
       parser.error(f'--{name} must be >= 1, got {getattr(args, name)}')

@@ -27,6 +27,7 @@ import os
 from absl import logging
 import numpy as np
 
+from camkd_jax import parsing
 from camkd_jax.datasets import base
 
 DataError = base.DataError
@@ -68,7 +69,7 @@ def list_folders(path):
 def wanted_classes(config):
   """config.data.class_names as a list ([] when not set)."""
   text = str(_opt(config, 'class_names', '') or '')
-  names = [c.strip() for c in text.split(',') if c.strip()]
+  names = parsing.split_list(text)
   twice = sorted({c for c in names if names.count(c) > 1})
   if twice:
     raise DataError(f'config.data.class_names={text!r} lists {twice} more than once')
@@ -343,7 +344,7 @@ def _labels_from_column(t, column, config):
 def _labels_from_one_hot(t, config, split_col, image_col):
   """(class names, True, labels, None) from one-hot 0/1 columns (their order is the order)."""
   wanted = _opt(config, 'class_columns', '')
-  columns = ([c.strip() for c in wanted.split(',') if c.strip()] if wanted
+  columns = (parsing.split_list(wanted) if wanted
              else wanted_classes(config))
   if columns:
     missing = [c for c in columns if c not in t.col]
