@@ -25,6 +25,7 @@ from absl import logging
 import numpy as np
 
 from camkd_jax import errors
+from camkd_jax import runs
 
 CLASS_COLOURS = ('#1b9e77', '#d95f02', '#7570b3', '#e7298a', '#66a61e', '#e6ab02', '#a6761d',
                  '#666666', '#1f78b4', '#b2df8a')
@@ -37,7 +38,7 @@ def class_rgb(i: int) -> List[int]:
 
 
 def write_json(path, obj, indent=2):
-  errors.atomic_write(path, lambda f: (json.dump(obj, f, indent=indent), f.write('\n')))
+  runs.atomic_write(path, lambda f: (json.dump(obj, f, indent=indent), f.write('\n')))
 
 
 # ----------------------------------------------------------------------------- tiles
@@ -65,7 +66,7 @@ def write_tiles_csv(path, plan, probs, class_names):
                 plan.read_size, int(plan.grid[i, 0]), int(plan.grid[i, 1]),
                 f'{plan.tissue[i]:.3f}'] + [f'{p:.6f}' for p in probs[i]]
                + [class_names[int(pred[i])]])
-  errors.atomic_write(path, lambda f: f.write(buf.getvalue()), mode='w')
+  runs.atomic_write(path, lambda f: f.write(buf.getvalue()), mode='w')
 
 
 def _geojson_text(features) -> str:
@@ -77,9 +78,9 @@ def _write_text(path, text):
   if path.endswith('.gz'):
     import gzip  # pylint: disable=g-import-not-at-top
     data = gzip.compress(text.encode(), compresslevel=6, mtime=0)
-    errors.atomic_write(path, lambda f: f.write(data), mode='wb')
+    runs.atomic_write(path, lambda f: f.write(data), mode='wb')
   else:
-    errors.atomic_write(path, lambda f: f.write(text))
+    runs.atomic_write(path, lambda f: f.write(text))
 
 
 _TILE = ('{"type":"Feature","geometry":{"type":"Polygon","coordinates":[[[%d,%d],[%d,%d],[%d,%d],'
@@ -221,7 +222,7 @@ class CohortTable:
     keys = sorted(self.rows, key=lambda n: self.order.get(n, len(self.order)))  # stable
     w.writerows(self.rows[k] for k in keys)
     with errors.disk_writes(self.path, 'the cohort table'):
-      errors.atomic_write(self.path, lambda f: f.write(buf.getvalue()))
+      runs.atomic_write(self.path, lambda f: f.write(buf.getvalue()))
 
 
 def read_cohort(path: str) -> List[Dict[str, str]]:
@@ -321,7 +322,7 @@ def save_heatmaps(path, plan, probs, class_names):
     ax.set_xticks([])
     ax.set_yticks([])
   fig.suptitle(os.path.basename(plan.path), fontsize=9)
-  errors.atomic_write(path, lambda f: fig.savefig(f, dpi=100, format='png'), mode='wb')
+  runs.atomic_write(path, lambda f: fig.savefig(f, dpi=100, format='png'), mode='wb')
   plt.close(fig)
 
 
@@ -347,7 +348,7 @@ def save_overlay(path, plan, probs, class_names):
   ax.set_axis_off()
   _legend(ax, class_names)
   ax.set_title(os.path.basename(plan.path), fontsize=9)
-  errors.atomic_write(path, lambda f: fig.savefig(f, dpi=100, bbox_inches='tight', format='png'),
+  runs.atomic_write(path, lambda f: fig.savefig(f, dpi=100, bbox_inches='tight', format='png'),
                       mode='wb')
   plt.close(fig)
 
