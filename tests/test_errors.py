@@ -19,7 +19,13 @@ from camkd_jax import interrupts
 from camkd_jax import runs
 from camkd_jax import workdir as workdir_lib
 
-META = {'model': {'name': 'vgg16'}, 'image_size': 32, 'class_names': ['a', 'b'], 'num_classes': 2}
+
+class _Data:
+  image_size, class_names, num_classes = 32, ['a', 'b'], 2
+
+
+# metadata.json as the trainer writes it
+META = runs.model_metadata(attn_kd.get_config('smoke=1'), _Data, None)
 
 
 # ----------------------------------------------------------------------------- disk

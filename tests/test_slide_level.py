@@ -164,6 +164,7 @@ def test_results_md_gets_a_slide_level_section():
 def test_an_older_workdir_without_the_slide_level_keys_resumes():
   import copy  # pylint: disable=g-import-not-at-top
   from camkd_jax import runs  # pylint: disable=g-import-not-at-top
+  from camkd_jax import workdir  # pylint: disable=g-import-not-at-top
   new = runs.config_dict(data_config())
   old = copy.deepcopy(new)
   del old['slide_level'], old['data']['slide_column']
