@@ -56,12 +56,6 @@ def run_config(image_size=32, factor=4, seed=0, width=0.0625, config_extra=None)
   return config
 
 
-def metadata(image_size, report, width=0.0625, stage='teacher', config=None):
-  """metadata.json of an export, as the trainer writes it (runs.model_metadata)."""
-  config = config or run_config(image_size, width=width)
-  return runs.model_metadata(config, ExportData(image_size), report, stage)
-
-
 def export_run(workdir, image_size=32, factor=4, teacher_params=None, student_params=None,
                seed=0, config_extra=None, width=0.0625):
   """A run directory as the trainer leaves it (its config.json, teacher/ and student/ with their
@@ -74,12 +68,13 @@ def export_run(workdir, image_size=32, factor=4, teacher_params=None, student_pa
     teacher_params = random_params(model, image_size, 2 * seed)
   if student_params is None:
     student_params = random_params(model, image_size, 2 * seed + 1)
+  data = ExportData(image_size)
+  student_report = {'epoch': 1, 'magnification': 10.0 / factor, 'factor': factor,
+                    'method': config.method}
   checkpoints.save_model(os.path.join(workdir, 'teacher'), teacher_params,
-                         metadata(image_size, {'epoch': 1}, config=config))
+                         runs.model_metadata(config, data, {'epoch': 1}))
   checkpoints.save_model(os.path.join(workdir, 'student'), student_params,
-                         metadata(image_size, {'epoch': 1, 'magnification': 10.0 / factor,
-                                               'factor': factor, 'method': config.method},
-                                  stage='student', config=config))
+                         runs.model_metadata(config, data, student_report, 'student'))
   return model, teacher_params, student_params
 
 
