@@ -10,24 +10,21 @@ Keeping the best parameters inside the same step as the latest state means a kil
 "best" and "latest" out of step with each other.
 
 Exported models (`save_model` / `load_model`): a directory with `params/` (orbax) and
-`metadata.json` (architecture, input size, class names, metrics). The metadata file is written last
-and marks the export as finished.
+`metadata.json` (runs.model_metadata: architecture, input size, class names, metrics). The
+metadata file is written last and marks the export as finished; camkd_jax.runs reads and checks
+it (read_metadata, check_export, is_finished_model).
 
 All calls are collective (every process calls them); JSON files are written by process 0 only.
 """
-import json
 import os
 import shutil
 from typing import Any, Dict, Optional, Tuple
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from camkd_jax import errors
-
-METADATA = 'metadata.json'
-PARAMS = 'params'
+from camkd_jax import runs
 
 
 def abstract_tree(tree):
@@ -58,7 +55,7 @@ class StageCheckpoints:
     with errors.disk_writes(self.directory, f'the checkpoint of step {step}', resume):
       self.manager.save(int(step), args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), best=ocp.args.StandardSave(best_params),
-          progress=ocp.args.JsonSave(_jsonable(progress))))
+          progress=ocp.args.JsonSave(runs.jsonable(progress))))
       self.manager.wait_until_finished()
 
   def restore(self, step: int, state_template, best_template) -> Tuple[Any, Any, Dict]:
@@ -81,7 +78,7 @@ def save_model(directory: str, params, metadata: Dict[str, Any]):
 
 
 def _save_model(directory: str, params, metadata: Dict[str, Any]):
-  path = os.path.join(directory, PARAMS)
+  path = os.path.join(directory, runs.PARAMS)
   checkpointer = ocp.StandardCheckpointer()
   # A previous export that never got its metadata (killed in between) is replaced. Process 0
   # alone looks and deletes; the barrier is unconditional, or a process that looked after the
@@ -92,72 +89,24 @@ def _save_model(directory: str, params, metadata: Dict[str, Any]):
   checkpointer.save(path, params)
   checkpointer.wait_until_finished()
   checkpointer.close()
-  write_json(os.path.join(directory, METADATA), metadata)
-
-
-def is_finished_model(directory: str) -> bool:
-  return os.path.isfile(os.path.join(directory, METADATA))
-
-
-# What a loader needs from metadata.json (train.model_metadata writes more).
-REQUIRED_METADATA = ('model', 'image_size', 'class_names', 'num_classes')
-# Files orbax writes into every finished params/ checkpoint.
-PARAMS_FILES = ('_METADATA', '_CHECKPOINT_METADATA')
-
-
-def _export_error(directory: str, problem: str) -> errors.ModelExportError:
-  return errors.ModelExportError(
-      f'{directory} is not a usable camkd_jax model export: {problem}. An export is a directory '
-      f'with {PARAMS}/ and {METADATA}, as a teacher run writes to <workdir>/teacher; copy it '
-      'again from its run, or retrain it (leave config.teacher.checkpoint empty).')
-
-
-def read_metadata(directory: str) -> Dict[str, Any]:
-  """metadata.json of an export; errors name what is missing or damaged."""
-  path = os.path.join(directory, METADATA)
-  if not os.path.isdir(directory):
-    raise _export_error(directory, f'the directory does not exist ({METADATA} not found)')
-  if not os.path.isfile(path):
-    raise _export_error(directory, f'{METADATA} not found (the export never finished, or the '
-                        'file was not copied)')
-  try:
-    with open(path) as f:
-      meta = json.load(f)
-  except (ValueError, UnicodeDecodeError) as e:
-    raise _export_error(directory, f'{METADATA} is truncated or not JSON ({e})') from None
-  missing = [k for k in REQUIRED_METADATA if not isinstance(meta, dict) or k not in meta]
-  if missing:
-    raise _export_error(directory, f'{METADATA} lacks the key(s) {missing}')
-  return meta
-
-
-def check_export(directory: str) -> Dict[str, Any]:
-  """The metadata of a complete export; errors name a missing or incomplete params/."""
-  meta = read_metadata(directory)
-  params = os.path.join(directory, PARAMS)
-  if not os.path.isdir(params):
-    raise _export_error(directory, f'{PARAMS}/ not found')
-  missing = [f for f in PARAMS_FILES if not os.path.isfile(os.path.join(params, f))]
-  if missing:
-    raise _export_error(directory, f'{PARAMS}/ is incomplete (no {", ".join(missing)})')
-  return meta
+  write_json(os.path.join(directory, runs.METADATA), metadata)
 
 
 def load_model(directory: str, params_template) -> Tuple[Any, Dict[str, Any]]:
   """(params placed like `params_template`, metadata) of an exported model."""
-  metadata = check_export(directory)
+  metadata = runs.check_export(directory)
   checkpointer = ocp.StandardCheckpointer()
   try:
-    params = checkpointer.restore(os.path.join(os.path.abspath(directory), PARAMS),
+    params = checkpointer.restore(os.path.join(os.path.abspath(directory), runs.PARAMS),
                                   abstract_tree(params_template))
   except (ValueError, KeyError) as e:
-    raise errors.ConfigError(f'parameters in {directory}/{PARAMS} do not fit the configured '
+    raise errors.ConfigError(f'parameters in {directory}/{runs.PARAMS} do not fit the configured '
                              f'model: {e}') from e
   except Exception as e:  # pylint: disable=broad-except
     # Missing or cut array files: tensorstore / orbax raise their own types.
     first = (str(e).strip().splitlines() or [''])[0].split('. See full')[0][:300]
-    raise _export_error(directory, f'{PARAMS}/ cannot be read, it is truncated or damaged '
-                        f'({type(e).__name__}: {first})') from e
+    raise runs.export_error(directory, f'{runs.PARAMS}/ cannot be read, it is truncated or '
+                            f'damaged ({type(e).__name__}: {first})') from e
   finally:
     checkpointer.close()
   return params, metadata
@@ -172,28 +121,8 @@ def sync(name: str):
 
 
 def write_json(path: str, obj, barrier: bool = True):
-  """Atomic JSON write by process 0 (temp file + rename), then a barrier."""
+  """runs.write_json (atomic) by process 0, then a barrier."""
   if jax.process_index() == 0:
-    def write(f):
-      json.dump(_jsonable(obj), f, indent=2, sort_keys=False)
-      f.write('\n')
-    with errors.disk_writes(path, os.path.basename(path)):
-      errors.atomic_write(path, write)
+    runs.write_json(path, obj)
   if barrier:
     sync('camkd_jax_write_json')
-
-
-def _jsonable(obj):
-  """Plain JSON types: numpy scalars -> Python, non-finite floats -> None (valid JSON)."""
-  if isinstance(obj, dict):
-    return {str(k): _jsonable(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_jsonable(v) for v in obj]
-  if isinstance(obj, np.ndarray):
-    return _jsonable(obj.tolist())
-  if isinstance(obj, (np.integer,)):
-    return int(obj)
-  if isinstance(obj, (float, np.floating)):
-    v = float(obj)
-    return v if np.isfinite(v) else None
-  return obj

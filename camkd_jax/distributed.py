@@ -28,7 +28,8 @@ it the per-example augmentation, is the same whatever the number of processes. (
 the local CPU rehearsal; on other platforms the check warns if it does not hold.)
 """
 import os
-from typing import Callable, Dict, Optional, TypeVar
+import signal
+from typing import Callable, Dict, Optional, Tuple, TypeVar
 
 from absl import logging
 import jax
@@ -197,3 +198,22 @@ def agreed_signal(own: Optional[int]) -> Optional[int]:
   import numpy as np  # pylint: disable=g-import-not-at-top
   signals = np.ravel(multihost_utils.process_allgather(np.int32(own or 0)))
   return own or next((int(s) for s in signals if s), None)
+
+
+def stop_signal(own: Optional[int], sync: bool) -> Tuple[Optional[int], bool]:
+  """(the signal all processes stop on now, or None; whether another process received it).
+
+  Call once per training step on every process. `own`: this process's pending signal
+  (camkd_jax.interrupts.pending). With several processes SIGTERM arrives through JAX's preemption
+  sync (reached_preemption_sync_point, every call) and SIGINT by agreement (agreed_signal, a
+  collective) at the steps where `sync` is True, the same on every process (log steps and epoch
+  ends): a process signalled alone, or before the others, stops together with them. On one
+  process: (own, False)."""
+  if jax.process_count() == 1:
+    return own, False
+  signum = signal.SIGTERM if reached_preemption_sync_point() else None
+  by_peer = signum is not None  # JAX's service took the signal: which process is not known
+  if signum is None and sync:
+    signum = agreed_signal(own)
+    by_peer = signum is not None and own is None
+  return signum, by_peer

@@ -125,17 +125,3 @@ def disk_writes(path: str, what: str, resume: str = ''):
     out = OutputError(disk_message(err, path, what, resume))
     out.errno, out.filename = err.errno, err.filename or path
     raise out from e
-
-
-def atomic_write(path: str, write, mode: str = 'w'):
-  """write(file) into `path`.tmp, then rename over `path`: a reader never sees half a file and a
-  failed write leaves the previous `path` as it was."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp{os.getpid()}'
-  try:
-    with open(tmp, mode) as f:
-      write(f)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)

@@ -25,7 +25,6 @@ jax.distributed each process predicts its own tiles independently (no cross-proc
 Needs only JAX (no TensorFlow).
 """
 import dataclasses
-import json
 import os
 from collections import deque
 from typing import Any, Dict, Iterable, Iterator, Tuple
@@ -38,6 +37,7 @@ from camkd_jax import checkpoints
 from camkd_jax import distill
 from camkd_jax import models
 from camkd_jax import ops
+from camkd_jax import runs
 from camkd_jax import sharding
 
 WHICH = ('student', 'teacher')
@@ -70,16 +70,6 @@ class RunModel:
     return self.image_size if self.view == 'upsampled' else self.tile_size
 
 
-def _read_json(path: str, what: str) -> Dict[str, Any]:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise FileNotFoundError(f'{path} not found: {what}') from None
-  except json.JSONDecodeError as e:
-    raise ValueError(f'{path} is not valid JSON ({e}); {what}') from None
-
-
 def _model_dir(workdir: str, which: str) -> str:
   """workdir/<which>, with errors that say why it is not there."""
   if which not in WHICH:
@@ -88,18 +78,17 @@ def _model_dir(workdir: str, which: str) -> str:
     raise FileNotFoundError(f'run directory {workdir} does not exist; pass the --workdir of a '
                             'finished training run')
   path = os.path.join(workdir, which)
-  if checkpoints.is_finished_model(path):
+  if runs.is_finished_model(path):
     return path
-  seeds = sorted(n for n in os.listdir(workdir) if n.startswith('seed_'))
+  seeds = runs.seed_dirs(workdir)
   if seeds and not os.path.exists(path):
     raise FileNotFoundError(
-        f'{workdir} is a multi-seed run ({", ".join(seeds)}): pass one seed\'s directory, '
-        f'e.g. {os.path.join(workdir, seeds[0])}')
-  cfg = _read_json(os.path.join(workdir, 'config.json'),
-                   f'{workdir} is not a camkd_jax run directory')
+        f'{workdir} is a multi-seed run ({", ".join(map(os.path.basename, seeds))}): pass one '
+        f'seed\'s directory, e.g. {seeds[0]}')
+  cfg = runs.read_config(workdir)
   external = (cfg.get('teacher') or {}).get('checkpoint') or ''
   if which == 'teacher' and external:  # the run used a teacher trained elsewhere
-    if checkpoints.is_finished_model(external):
+    if runs.is_finished_model(external):
       return external
     raise FileNotFoundError(f'the teacher of {workdir} (config teacher.checkpoint) is '
                             f'{external}, which is not a finished export')
@@ -107,7 +96,7 @@ def _model_dir(workdir: str, which: str) -> str:
     raise FileNotFoundError(f'{workdir} is a teacher-only run (config method "teacher"): it has '
                             'no student; use which="teacher" (--model teacher)')
   raise FileNotFoundError(
-      f'no finished {which} in {path} (no {checkpoints.METADATA}): the run has not finished; '
+      f'no finished {which} in {path} (no {runs.METADATA}): the run has not finished; '
       'rerun the training command with the same --workdir to resume it')
 
 
@@ -124,15 +113,14 @@ def load_run_model(workdir: str, which: str = 'student') -> RunModel:
   (base magnification, student view). For a multi-seed run pass workdir/seed_<n>.
   """
   path = _model_dir(workdir, which)
-  meta = checkpoints.read_metadata(path)
-  config = _read_json(os.path.join(workdir, 'config.json'),
-                      f'{workdir} has no config.json; it is not a camkd_jax run directory')
+  meta = runs.read_metadata(path)
+  config = runs.read_config(workdir)
   base = float(config.get('base_magnification', 10.0))
   factor, view = 1, 'native'
   if which == 'student':
     report = meta.get('report') or {}
     if 'factor' not in report:
-      raise ValueError(f'{path}/{checkpoints.METADATA} has no report.factor: not a student export')
+      raise ValueError(f'{path}/{runs.METADATA} has no report.factor: not a student export')
     factor, view = int(report['factor']), _view(meta, config)
   image_size = int(meta['image_size'])
   if image_size % factor:

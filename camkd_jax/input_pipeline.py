@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from camkd_jax import datasets
+from camkd_jax import runs
 from camkd_jax.datasets import base
 
 try:  # TF must not take the accelerator (or its memory) away from JAX.
@@ -365,12 +366,11 @@ def write_split_record(source, path):
   """CSV of which file went to which split (folder and table datasets), or nothing."""
   if not source.records:
     return None
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + '.tmp', 'w', newline='') as f:
+  def write(f):
     w = csv.writer(f)
     w.writerow(['path', 'class', 'split', 'assigned_by'])
     w.writerows(source.records)
-  os.replace(path + '.tmp', path)
+  runs.atomic_write(path, write, newline='')
   return path
 
 

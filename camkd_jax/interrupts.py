@@ -16,10 +16,10 @@ The state is per process. With several processes (jax.distributed) the training 
 stop at the same step with one collective checkpoint, whichever process was signalled: SIGTERM is
 taken by JAX's preemption service, which shares the notice and picks a safe step
 (camkd_jax.distributed.reached_preemption_sync_point, checked after every step); SIGINT is agreed
-on at every log step and epoch end (distributed.agreed_signal). Such processes report
-`(..., SIGTERM, process group)` and exit with the signal's code. A SIGINT outside the training loop
-(data loading, export) stops only the process that received it; a SIGTERM there is held by JAX
-until the next training step (or ignored if none follows).
+on at every log step and epoch end (distributed.agreed_signal; both in distributed.stop_signal).
+Such processes report `(..., SIGTERM, process group)` and exit with the signal's code. A SIGINT
+outside the training loop (data loading, export) stops only the process that received it; a
+SIGTERM there is held by JAX until the next training step (or ignored if none follows).
 """
 import contextlib
 import signal

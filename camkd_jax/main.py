@@ -24,6 +24,7 @@ from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,w
 from camkd_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import errors  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import interrupts  # pylint: disable=g-import-not-at-top,wrong-import-position
+from camkd_jax import runs  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from camkd_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -56,12 +57,7 @@ def _config_keys(argv):
     config = module.get_config(arg) if arg else module.get_config()
   except Exception:  # pylint: disable=broad-except
     return []
-  keys = []
-  def walk(node, prefix):
-    for k, v in node.items():
-      (walk(v, f'{prefix}{k}.') if hasattr(v, 'items') else keys.append(f'{prefix}{k}'))
-  walk(config, '')
-  return keys
+  return list(runs.flatten(config))
 
 
 def flag_error_message(error, argv) -> str:

@@ -22,7 +22,6 @@ every class (softmax probabilities, summing to 1). An existing --out is not repl
 --overwrite. Bad input ends in one line naming the file, row or flag (exit code 2).
 """
 import csv
-import json
 import os
 
 from absl import app
@@ -30,7 +29,7 @@ from absl import flags
 import numpy as np
 
 from camkd_jax import cli
-from camkd_jax import errors
+from camkd_jax import runs
 from camkd_jax.datasets import base
 
 FLAGS = flags.FLAGS
@@ -56,12 +55,7 @@ def define_flags():
 def run_config(workdir):
   """The run's config (config.json) as a ConfigDict."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  path = os.path.join(workdir, 'config.json')
-  try:
-    with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
-  except (OSError, ValueError) as e:
-    raise base.DataError(f'cannot read {path} ({e}); --workdir must be a camkd_jax run') from None
+  return ml_collections.ConfigDict(runs.read_config(workdir))
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -149,14 +143,14 @@ def predict_probabilities(run_model, examples, batch_size):
 
 
 def write_predictions(path, examples, probs, class_names):
-  """The CSV (errors.atomic_write: never a half-written file)."""
+  """The CSV (runs.atomic_write: never a half-written file)."""
   def write(f):
     w = csv.writer(f)
     w.writerow(['path', 'label', 'prediction'] + [f'p_{c}' for c in class_names])
     for name, label, p in zip(examples.names, examples.labels, probs):
       w.writerow([name, class_names[label] if label >= 0 else '',
                   class_names[int(np.argmax(p))]] + [f'{v:.6g}' for v in p])
-  errors.atomic_write(path, write)
+  runs.atomic_write(path, write, newline='')
 
 
 def summary(examples, probs, num_classes):

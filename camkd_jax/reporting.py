@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from camkd_jax import metrics as metrics_lib
-from camkd_jax import workdir as workdir_lib
+from camkd_jax import runs as runs_lib
 
 
 # ----------------------------------------------------------------------------- TensorBoard events
@@ -176,15 +176,14 @@ def results_markdown(out: Dict[str, Any],
 
 
 def existing_outputs(workdir: str) -> List[str]:
-  """The outputs (workdir.OUTPUTS) present in `workdir` ('seed_*/x' when only the seed runs
+  """The outputs (runs_lib.OUTPUTS) present in `workdir` ('seed_*/x' when only the seed runs
   hold x)."""
-  seeds = sorted(d for d in os.listdir(workdir) if d.startswith('seed_')
-                 and os.path.isdir(os.path.join(workdir, d))) if os.path.isdir(workdir) else []
+  seeds = runs_lib.seed_dirs(workdir)
   out = []
-  for name in workdir_lib.OUTPUTS:
+  for name in runs_lib.OUTPUTS:
     if os.path.exists(os.path.join(workdir, name)):
       out.append(name)
-    elif seeds and all(os.path.exists(os.path.join(workdir, d, name)) for d in seeds):
+    elif seeds and all(os.path.exists(os.path.join(d, name)) for d in seeds):
       out.append(f'seed_*/{name}')
   return out
 
@@ -225,7 +224,7 @@ def write_results(out: Dict[str, Any], workdir: str, selection_metric: str,
           + ''.join(f'\n**Data warning:** {n}\n' for n in out.get('data_notes', ())))
   path = os.path.join(workdir, 'results.md')
   with errors.disk_writes(path, 'results.md'):
-    errors.atomic_write(path, lambda f: f.write(text))
+    runs_lib.atomic_write(path, lambda f: f.write(text))
   print('\n' + text_table(rows) + f'\n\noutputs in {os.path.abspath(workdir)}: '
         f'{", ".join(existing_outputs(workdir))}\n', flush=True)
 
@@ -297,7 +296,7 @@ def save_gradcam_figure(path: str, images: np.ndarray, labels: np.ndarray,
   fig.tight_layout()
   from camkd_jax import errors  # pylint: disable=g-import-not-at-top
   with errors.disk_writes(path, 'the Grad-CAM figure'):
-    errors.atomic_write(path, lambda f: fig.savefig(f, dpi=80, format='png'), mode='wb')
+    runs_lib.atomic_write(path, lambda f: fig.savefig(f, dpi=80, format='png'), mode='wb')
   plt.close(fig)
   return path
 

@@ -54,3 +54,17 @@ def to_host(x):
     return np.asarray(jax.device_get(x))
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def host_value(x) -> np.ndarray:
+  """A replicated array as numpy (works on every process, multi-host included)."""
+  return np.asarray(x.addressable_data(0))
+
+
+def host_scalar(x) -> int:
+  return int(host_value(x))
+
+
+def host_tree(tree):
+  """A replicated pytree as numpy arrays (process-local copy)."""
+  return jax.tree_util.tree_map(host_value, tree)

@@ -65,7 +65,7 @@ def split_slide_ids(examples, dataset: str) -> Optional[np.ndarray]:
 
 
 def gathered_order(n: int, process_count: int, local_batch: int, num_batches: int) -> np.ndarray:
-  """Split indices in the order train.predict returns them: batch by batch, in each batch every
+  """Split indices in the order evaluation.predict returns them: batch by batch, in each batch every
   process's slice of its own contiguous shard (input_pipeline.shard_bounds), padding dropped."""
   order = []
   bounds = [(n * p // process_count, n * (p + 1) // process_count) for p in range(process_count)]

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from camkd_jax import errors
+from camkd_jax import runs
 
 CLASS_COLOURS = ('#1b9e77', '#d95f02', '#7570b3', '#e7298a', '#66a61e', '#e6ab02', '#a6761d',
                  '#666666', '#1f78b4', '#b2df8a')
@@ -61,7 +61,7 @@ def save_heatmaps(path, plan, probs, class_names):
     ax.set_xticks([])
     ax.set_yticks([])
   fig.suptitle(os.path.basename(plan.path), fontsize=9)
-  errors.atomic_write(path, lambda f: fig.savefig(f, dpi=100, format='png'), mode='wb')
+  runs.atomic_write(path, lambda f: fig.savefig(f, dpi=100, format='png'), mode='wb')
   plt.close(fig)
 
 
@@ -87,6 +87,6 @@ def save_overlay(path, plan, probs, class_names):
   ax.set_axis_off()
   _legend(ax, class_names)
   ax.set_title(os.path.basename(plan.path), fontsize=9)
-  errors.atomic_write(path, lambda f: fig.savefig(f, dpi=100, bbox_inches='tight', format='png'),
+  runs.atomic_write(path, lambda f: fig.savefig(f, dpi=100, bbox_inches='tight', format='png'),
                       mode='wb')
   plt.close(fig)

@@ -263,6 +263,19 @@ def init_head(params, head_init: str, rng):
   return out
 
 
+def stage_init(config, stage_name: str) -> Dict[str, str]:
+  """{'weights': '' | 'imagenet' | path | 'teacher', 'head': 'normal' | 'pytorch' | 'teacher'}:
+  where a stage's parameters start. The teacher follows config.model.init_weights; the student
+  follows config.student.init ('' = the same as the teacher, 'imagenet', 'random', 'teacher')."""
+  spec = config.model.init_weights
+  if stage_name == 'student':
+    choice = config.student.init
+    if choice == 'teacher':
+      return {'weights': 'teacher', 'head': 'teacher'}
+    spec = {'': spec, 'imagenet': 'imagenet', 'random': ''}.get(choice, choice)
+  return {'weights': spec, 'head': resolve_head_init(config.model.head_init, spec)}
+
+
 # ----------------------------------------------------------------------------- entry point
 def load_pretrained(spec: str, params, log=logging.info):
   """Params with the trunk from `spec` ('' random, 'imagenet', or a torchvision-layout file);

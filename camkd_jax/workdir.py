@@ -3,22 +3,22 @@
 A workdir holds one config's run. `prepare_workdir` refuses a workdir whose config.json differs
 from this run's in a key that changes results (RESUMABLE_KEYS may differ: a resume can change
 logging or paths) and that holds training (a checkpoint, a finished model, metrics.json), unless
-config.overwrite, which deletes the earlier run's outputs (CLEARED) first. A workdir without any
-training (a start that failed on its data or config) is taken as fresh: the corrected rerun just
-starts.
+config.overwrite, which deletes the earlier run's outputs (runs.CLEARED) first. A workdir
+without any training (a start that failed on its data or config) is taken as fresh: the corrected
+rerun just starts.
 config.overwrite never deletes a finished teacher export: it is kept (and reused) when its
 metadata fit the new config, and refused otherwise; config.overwrite_teacher=True deletes it.
 """
-import json
 import os
 import shutil
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from absl import logging
 
 from camkd_jax import checkpoints
 from camkd_jax import distributed
 from camkd_jax import errors
+from camkd_jax import runs
 
 # Keys that do not change what a run computes: a workdir may be resumed with other values.
 RESUMABLE_KEYS = ('overwrite', 'overwrite_teacher', 'distributed', 'log_every_steps',
@@ -32,14 +32,6 @@ RETIRED_KEYS = ('shuffle_buffer',)
 ADDED_KEYS = {'data.class_names': '', 'data.val_fraction': 0.15, 'data.slide_column': '',
               'slide_level.labels': '', 'slide_level.patterns': '', 'slide_level.min_share': 0.05,
               'slide_level.min_tumour': 0.05}
-# What a run leaves in a run directory besides config.json, in the order the end-of-run summary
-# lists it (a trailing '/' marks a directory; figures/ is shown by its Grad-CAM figure).
-OUTPUTS = ('metrics.json', 'results.md', 'figures/gradcam.png', 'tensorboard/', 'checkpoints/',
-           'teacher/', 'student/', 'data_split.csv')
-# What config.overwrite deletes: config.json and the top-level entry of every output.
-CLEARED = ('config.json',) + tuple(dict.fromkeys(o.split('/')[0] for o in OUTPUTS))
-
-
 def default_workdir(config_file: Optional[str], config) -> str:
   """workdirs/<config name>[_m<magnification>][_<dataset>][_smoke], e.g. workdirs/attn_kd_m2.5."""
   stem = os.path.splitext(os.path.basename((config_file or 'run').split(':')[0]))[0]
@@ -51,22 +43,10 @@ def default_workdir(config_file: Optional[str], config) -> str:
   return os.path.join('workdirs', name)
 
 
-def _flatten(d, prefix=''):
-  out = {}
-  for k, v in d.items():
-    key = f'{prefix}{k}'
-    out.update(_flatten(v, key + '.') if isinstance(v, dict) else {key: v})
-  return out
-
-
-def config_dict(config) -> Dict[str, Any]:
-  return json.loads(config.to_json_best_effort())
-
-
 def config_differences(old: Dict, new: Dict) -> List[str]:
   """'key: old -> new' for every result-relevant key that differs."""
-  b = _flatten(new)
-  a = {**{k: v for k, v in ADDED_KEYS.items() if k in b}, **_flatten(old)}
+  b = runs.flatten(new)
+  a = {**{k: v for k, v in ADDED_KEYS.items() if k in b}, **runs.flatten(old)}
   keys = sorted((set(a) | set(b)) - set(RESUMABLE_KEYS) - set(RETIRED_KEYS))
   return [f'{k}: {a.get(k, "<absent>")!r} -> {b.get(k, "<absent>")!r}'
           for k in keys if a.get(k, '<absent>') != b.get(k, '<absent>')]
@@ -78,18 +58,16 @@ def trained_state(workdir: str) -> List[str]:
   found = []
   if not os.path.isdir(workdir):
     return found
-  runs = [workdir] + [os.path.join(workdir, d) for d in sorted(os.listdir(workdir))
-                      if d.startswith('seed_')]
-  for run in runs:
+  for run in runs.run_dirs(workdir):
     for stage in ('teacher', 'student'):
       ckpt = os.path.join(run, 'checkpoints', stage)
       steps = [d for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
       if steps:
         found.append(f'{ckpt} (step {max(map(int, steps))})')
-      if checkpoints.is_finished_model(os.path.join(run, stage)):
+      if runs.is_finished_model(os.path.join(run, stage)):
         found.append(os.path.join(run, stage))
-    if os.path.isfile(os.path.join(run, 'metrics.json')):
-      found.append(os.path.join(run, 'metrics.json'))
+    if os.path.isfile(os.path.join(run, runs.METRICS)):
+      found.append(os.path.join(run, runs.METRICS))
   return found
 
 
@@ -97,54 +75,20 @@ def trained_teachers(workdir: str) -> List[str]:
   """Finished teacher exports in `workdir` and its seed_*/ runs."""
   if not os.path.isdir(workdir):
     return []
-  runs = [workdir] + [os.path.join(workdir, d) for d in sorted(os.listdir(workdir))
-                      if d.startswith('seed_')]
-  return [os.path.join(r, 'teacher') for r in runs
-          if checkpoints.is_finished_model(os.path.join(r, 'teacher'))]
-
-
-# metadata.json keys that must equal this config's for config.overwrite to keep a teacher (the
-# classes are checked again, against the data, when the teacher is loaded).
-TEACHER_KEYS = {'model.name': 'model.name', 'model.width': 'model.width',
-                'model.input_mean': 'model.input_mean', 'model.input_std': 'model.input_std',
-                'image_size': 'image_size', 'dataset': 'data.name'}
-
-
-def teacher_mismatches(meta: Dict, config, seed: Optional[int] = None) -> List[str]:
-  """'key: teacher X, this config Y' for each TEACHER_KEYS entry and the seed (`seed`: the run's
-  seed, config.seed unless a seed_<n>/ run) that differ."""
-  new = _flatten(config_dict(config))
-  out = []
-  want_seed = int(config.seed if seed is None else seed)
-  if meta.get('seed') is not None and int(meta['seed']) != want_seed:
-    out.append(f'seed: teacher {meta["seed"]}, this config {want_seed}')
-  for mkey, ckey in TEACHER_KEYS.items():
-    have = _get(meta, mkey)
-    want = new.get(ckey)
-    if isinstance(want, (list, tuple)) or isinstance(have, (list, tuple)):
-      have, want = [float(v) for v in have or ()], [float(v) for v in want or ()]
-    if have != want:
-      out.append(f'{mkey}: teacher {have!r}, this config {want!r}')
-  return out
-
-
-def _get(d, dotted):
-  for k in dotted.split('.'):
-    d = d.get(k) if isinstance(d, dict) else None
-  return d
+  return [os.path.join(r, 'teacher') for r in runs.run_dirs(workdir)
+          if runs.is_finished_model(os.path.join(r, 'teacher'))]
 
 
 def prepare_workdir(config, workdir: str):
   """Refuses a workdir holding another config's training (unless config.overwrite), writes
   config.json. A workdir whose earlier start failed before any checkpoint is taken as fresh."""
-  path = os.path.join(workdir, 'config.json')
-  new = config_dict(config)
+  path = os.path.join(workdir, runs.CONFIG_FILE)
+  new = runs.config_dict(config)
   old = None
   if os.path.isfile(path):
     try:
-      with open(path) as f:
-        old = json.load(f)
-    except ValueError:  # cut short (e.g. a full disk before the atomic writes): nothing to keep
+      old = runs.read_config(workdir)
+    except errors.WorkdirError:  # cut short (e.g. a full disk before the atomic writes)
       logging.warning('%s is not valid JSON; replacing it', path)
   # Every process decides on the same file: none may delete or rewrite it before all read it.
   checkpoints.sync('camkd_jax_read_config')
@@ -179,9 +123,8 @@ def clear_workdir(config, workdir: str, quiet: bool = False):
   teachers = trained_teachers(workdir)
   if keep_teacher:
     for t in teachers:
-      run = os.path.basename(os.path.dirname(t))
-      seed = int(run[len('seed_'):]) if run.startswith('seed_') else None
-      problems = teacher_mismatches(checkpoints.read_metadata(t), config, seed)
+      problems = runs.teacher_mismatches(runs.read_metadata(t), config,
+                                         runs.seed_of(os.path.dirname(t)))
       if problems:
         raise errors.WorkdirError(
             f'config.overwrite would keep the trained teacher in {t}, but it does not fit this '
@@ -199,8 +142,7 @@ def clear_workdir(config, workdir: str, quiet: bool = False):
                     f' (keeping the trained teacher(s) {teachers})' if teachers and keep_teacher
                     else '')
   if distributed.is_main():
-    for run in [workdir] + [os.path.join(workdir, d) for d in os.listdir(workdir)
-                            if d.startswith('seed_')]:
+    for run in runs.run_dirs(workdir):
       _clear_run(run, keep_teacher)
   checkpoints.sync('camkd_jax_clear_workdir')
 
@@ -209,8 +151,8 @@ def _clear_run(run: str, keep_teacher: bool):
   """Deletes CLEARED in one run directory (teacher/ kept if asked when it is finished)."""
   for name in os.listdir(run):
     p = os.path.join(run, name)
-    if name not in CLEARED:
+    if name not in runs.CLEARED:
       continue
-    if keep_teacher and name == 'teacher' and checkpoints.is_finished_model(p):
+    if keep_teacher and name == 'teacher' and runs.is_finished_model(p):
       continue
     shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)

@@ -280,11 +280,11 @@ def check_store(args):
   """Creates `args.store` with its settings, or checks that they are this sweep's."""
   if not args.store:
     return
-  from camkd_jax import errors  # pylint: disable=g-import-not-at-top
+  from camkd_jax import runs  # pylint: disable=g-import-not-at-top
   path = os.path.join(args.store, 'sweep.json')
   mine = store_settings(args)
   if not os.path.exists(path):
-    errors.atomic_write(path, lambda f: json.dump(mine, f, indent=1))
+    runs.atomic_write(path, lambda f: json.dump(mine, f, indent=1))
     return
   with open(path) as f:
     theirs = json.load(f)
@@ -321,13 +321,13 @@ def record_cell(args, workdir, cell, metrics, extra=None):
   path = store_record_path(args.store, workdir)
   if os.path.exists(path):
     return
-  from camkd_jax import errors  # pylint: disable=g-import-not-at-top
+  from camkd_jax import runs  # pylint: disable=g-import-not-at-top
   method, mag, seed = cell
   record = {'cell': os.path.basename(os.path.normpath(workdir)), 'method': method,
             'magnification': mag, 'seed': seed, 'settings': store_settings(args),
             'commit': _commit(), 'recorded': time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime()),
             'metrics': metrics, **(extra or {})}
-  errors.atomic_write(path, lambda f: json.dump(record, f, indent=1))
+  runs.atomic_write(path, lambda f: json.dump(record, f, indent=1))
 
 
 def teacher_fingerprint(metrics):

@@ -127,34 +127,37 @@ def summarise(per_batch, weights):
 def main(argv=None):
   args = parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
-  from camkd_jax import checkpoints, distill, input_pipeline, models, sharding, train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from camkd_jax import checkpoints, config_checks, distill, input_pipeline, models, runs
+  from camkd_jax import sharding, stage as stage_lib, teacher as teacher_lib, weights
+  # pylint: enable=g-import-not-at-top
   config = cell_config(args)
   mesh = sharding.make_mesh()
   data = input_pipeline.get_data(config)
   config = input_pipeline.resolve_input_stats(config, data)  # model.input_mean/std = 'auto'
   model = models.from_config(config.model, data.num_classes)
-  _, step_cfg = train.step_configs(config)
-  template = train.abstract_params(model, data.image_size, mesh)
+  _, step_cfg = config_checks.step_configs(config)
+  template = teacher_lib.abstract_params(model, data.image_size, mesh)
   teacher_dir = os.path.join(args.workdir, f'teacher_s{args.seed}', 'teacher')
-  if not checkpoints.is_finished_model(teacher_dir):
+  if not runs.is_finished_model(teacher_dir):
     raise SystemExit(f'no finished teacher at {teacher_dir}: run experiments/reproduce.py first')
   teacher_params, _ = checkpoints.load_model(teacher_dir, template)
   cell = os.path.join(args.workdir, f'{args.method}_m{args.magnification:g}_s{args.seed}')
   points = {}
   for point in args.points.split(','):
     if point == 'init':
-      stage = train.Stage('student', config, cell, model, step_cfg, 1,
-                          *train.stage_seeds(args.seed, 2), teacher_model=model,
-                          teacher_params=teacher_params)
-      init = train.stage_init(config, 'student')
+      stage = stage_lib.Stage('student', config, cell, model, step_cfg, 1,
+                              *stage_lib.stage_seeds(args.seed, 2), teacher_model=model,
+                              teacher_params=teacher_params)
+      init = weights.stage_init(config, 'student')
       points[f"init ({init['weights'] or 'random'}, head {init['head']})"] = (
-          train.stage_init_params(stage, data.image_size))
+          stage_lib.stage_init_params(stage, data.image_size))
     elif point == 'random':
-      points['random init'] = train.init_params(model, train.stage_seeds(args.seed, 2)[0],
-                                                data.image_size)
+      points['random init'] = stage_lib.init_params(
+          model, stage_lib.stage_seeds(args.seed, 2)[0], data.image_size)
     elif point == 'best':
       path = os.path.join(cell, 'student')
-      if not checkpoints.is_finished_model(path):
+      if not runs.is_finished_model(path):
         raise SystemExit(f'no finished student at {path}: finish the cell or use --points=init')
       points['best'], meta = checkpoints.load_model(path, template)
       points[f'best (epoch {(meta.get("report") or {}).get("epoch")})'] = points.pop('best')
@@ -164,7 +167,7 @@ def main(argv=None):
   grads_fn = jax.jit(lambda p, x, y: term_gradients(step_cfg, model, p, teacher_params, x, y))
   spans_fn = jax.jit(lambda p, x, y: map_spans(step_cfg, config.attention.map, model, p,
                                                teacher_params, x, y))
-  rng = jax.random.PRNGKey(train.stage_seeds(args.seed, 2)[1])
+  rng = jax.random.PRNGKey(stage_lib.stage_seeds(args.seed, 2)[1])
   batches = []
   for i, batch in enumerate(data.train_batches(0)):
     if i == args.batches:

@@ -1,5 +1,4 @@
 """Writes a finished-run directory (config.json + teacher/ + student/ exports) for tests."""
-import json
 import os
 
 import jax
@@ -7,6 +6,7 @@ import numpy as np
 
 from camkd_jax import checkpoints
 from camkd_jax import distill
+from camkd_jax import runs
 from camkd_jax import sharding
 from camkd_jax.models import get_model
 
@@ -33,32 +33,48 @@ def random_params(model, image_size, seed=0):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def metadata(image_size, report, width=0.0625):
-  return {'model': {'name': 'vgg16', 'width': width, 'dtype': 'float32',
-                    'input_mean': list(MEAN), 'input_std': list(STD)},
-          'image_size': image_size, 'class_names': list(CLASS_NAMES),
-          'num_classes': len(CLASS_NAMES), 'seed': 0, 'dataset': 'synthetic_histology',
-          'report': report}
+class ExportData:
+  """What runs.model_metadata reads of a run's data."""
+
+  def __init__(self, image_size):
+    self.image_size, self.class_names, self.num_classes = (image_size, list(CLASS_NAMES),
+                                                           len(CLASS_NAMES))
+
+
+def run_config(image_size=32, factor=4, seed=0, width=0.0625, config_extra=None):
+  """The config of a tiny CE run (configs/ce_student.py:smoke=1) with these settings;
+  config_extra: nested {key: value} overrides, e.g. {'student': {'view': 'native'}}."""
+  from configs import ce_student  # pylint: disable=g-import-not-at-top
+  config = ce_student.get_config('smoke=1')
+  config.image_size, config.magnification, config.seed = image_size, 10.0 / factor, seed
+  config.model.width, config.model.input_mean, config.model.input_std = width, MEAN, STD
+
+  def apply(node, extra):
+    for k, v in extra.items():
+      apply(node[k], v) if isinstance(v, dict) else setattr(node, k, v)
+  apply(config, config_extra or {})
+  return config
 
 
 def export_run(workdir, image_size=32, factor=4, teacher_params=None, student_params=None,
                seed=0, config_extra=None, width=0.0625):
-  """A run directory as train.py leaves it; random parameters unless given."""
+  """A run directory as the trainer leaves it (its config.json, teacher/ and student/ with their
+  metadata); random parameters unless given."""
   model = tiny_model(width)
   os.makedirs(workdir, exist_ok=True)
-  config = {'method': 'ce', 'base_magnification': 10.0, 'magnification': 10.0 / factor,
-            'image_size': image_size, **(config_extra or {})}
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
-    json.dump(config, f)
+  config = run_config(image_size, factor, seed, width, config_extra)
+  runs.write_json(os.path.join(workdir, runs.CONFIG_FILE), runs.config_dict(config))
   if teacher_params is None:
     teacher_params = random_params(model, image_size, 2 * seed)
   if student_params is None:
     student_params = random_params(model, image_size, 2 * seed + 1)
+  data = ExportData(image_size)
+  student_report = {'epoch': 1, 'magnification': 10.0 / factor, 'factor': factor,
+                    'method': config.method}
   checkpoints.save_model(os.path.join(workdir, 'teacher'), teacher_params,
-                         metadata(image_size, {'epoch': 1}, width))
+                         runs.model_metadata(config, data, {'epoch': 1}))
   checkpoints.save_model(os.path.join(workdir, 'student'), student_params,
-                         metadata(image_size, {'epoch': 1, 'magnification': 10.0 / factor,
-                                               'factor': factor, 'method': 'ce'}, width))
+                         runs.model_metadata(config, data, student_report, 'student'))
   return model, teacher_params, student_params
 
 

@@ -236,10 +236,11 @@ def _lowered_text(jitted, abstract_args):
 @pytest.mark.parametrize('program', ['distill', 'teacher'])
 def test_benchmark_times_the_training_program(program):
   """The benchmark's program, given the flags of a run config, lowers to the same HLO as the
-  program the trainer builds for that config (models.from_config, train.step_configs,
-  distill.make_optimizer -> distill.make_train_step, as in train.StageRunner); another loss
+  program the trainer builds for that config (models.from_config, config_checks.step_configs,
+  distill.make_optimizer -> distill.make_train_step, as in stage.StageRunner); another loss
   weight gives another program."""
-  from camkd_jax import distill, models, sharding, train  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from camkd_jax import config_checks, distill, models, sharding
   from configs import attn_kd  # pylint: disable=g-import-not-at-top
   config = attn_kd.get_config('smoke=1')
   mesh = sharding.make_mesh()
@@ -256,7 +257,7 @@ def test_benchmark_times_the_training_program(program):
 
   prog = bench(loss)
   model = models.from_config(config.model, benchmark.NUM_CLASSES)
-  teacher_cfg, student_cfg = train.step_configs(config)
+  teacher_cfg, student_cfg = config_checks.step_configs(config)
   step_cfg = teacher_cfg if program == 'teacher' else student_cfg
   trained = distill.make_train_step(step_cfg, model, distill.make_optimizer(config.optimizer),
                                     mesh, teacher=model if step_cfg.needs_teacher else None)

@@ -13,12 +13,19 @@ import pytest
 
 from configs import attn_kd
 from camkd_jax import checkpoints
+from camkd_jax import config_checks
 from camkd_jax import errors
 from camkd_jax import interrupts
-from camkd_jax import train
+from camkd_jax import runs
 from camkd_jax import workdir as workdir_lib
 
-META = {'model': {'name': 'vgg16'}, 'image_size': 32, 'class_names': ['a', 'b'], 'num_classes': 2}
+
+class _Data:
+  image_size, class_names, num_classes = 32, ['a', 'b'], 2
+
+
+# metadata.json as the trainer writes it
+META = runs.model_metadata(attn_kd.get_config('smoke=1'), _Data, None)
 
 
 # ----------------------------------------------------------------------------- disk
@@ -29,7 +36,7 @@ def test_full_disk_keeps_the_previous_json(tmp_path, monkeypatch):
   def dump(obj, f, **kw):
     f.write('{"kappa": 0.')  # half written, then the disk is full
     raise OSError(errno.ENOSPC, 'No space left on device')
-  monkeypatch.setattr(checkpoints.json, 'dump', dump)
+  monkeypatch.setattr(runs.json, 'dump', dump)
   with pytest.raises(errors.OutputError) as info:
     checkpoints.write_json(path, {'kappa': 0.75})
   assert str(info.value) == (
@@ -130,7 +137,7 @@ def test_broken_teacher_export_names_what_is_missing(export, case, message):
   config = attn_kd.get_config('smoke=1')
   config.teacher.checkpoint = str(export)
   with pytest.raises(errors.ModelExportError) as info:
-    train.validate_config(config, 1)
+    config_checks.validate_config(config, 1)
   assert str(info.value).startswith(f'{export} is not a usable camkd_jax model export: {message}')
   assert 'leave config.teacher.checkpoint empty' in str(info.value)
 
@@ -156,7 +163,7 @@ def test_magnification_must_be_positive(key, value):
   config = attn_kd.get_config('smoke=1')
   config[key] = value
   with pytest.raises(errors.ConfigError) as info:
-    train.validate_config(config, 1)
+    config_checks.validate_config(config, 1)
   assert str(info.value) == (f'config.{key}={value:g} is not a magnification: use a positive '
                              'objective power such as 10, 5, 2.5, 1.25 or 0.625 '
                              '(base_magnification / a power of two)')
@@ -166,7 +173,7 @@ def test_config_errors_are_user_errors_and_value_errors():
   config = attn_kd.get_config('smoke=1')
   config.method = 'distil'
   with pytest.raises(errors.ConfigError) as info:
-    train.validate_config(config, 1)
+    config_checks.validate_config(config, 1)
   assert isinstance(info.value, ValueError) and isinstance(info.value, errors.UserError)
 
 

@@ -7,8 +7,9 @@ import os
 import numpy as np
 import pytest
 
+from camkd_jax import figures
 from camkd_jax import reporting
-from camkd_jax import train
+from camkd_jax import stage as stage_lib
 from configs import attn_kd
 
 
@@ -137,15 +138,15 @@ def test_whole_run_steps_for_the_eta():
   config = attn_kd.get_config('smoke=1')
   config.max_steps, config.num_epochs, config.teacher.num_epochs = -1, 3, 2
   # spe 8: teacher 16 steps, student 24; two later seeds repeat both.
-  assert train.later_stage_steps(config, 8, 0) == (24, 0)
-  assert train.later_stage_steps(config, 8, 2) == (24 + 2 * 40, 2 * 40)
+  assert stage_lib.later_stage_steps(config, 8, 0) == (24, 0)
+  assert stage_lib.later_stage_steps(config, 8, 2) == (24 + 2 * 40, 2 * 40)
   config.teacher.checkpoint = '/given/teacher'  # a given teacher costs no steps
-  assert train.later_stage_steps(config, 8, 1) == (24 + 24, 24)
+  assert stage_lib.later_stage_steps(config, 8, 1) == (24 + 24, 24)
   config.max_steps = 5
-  assert train.stage_steps(config, 8, 3) == 5
+  assert stage_lib.stage_steps(config, 8, 3) == 5
   config.method = 'teacher'
   config.teacher.checkpoint = ''
-  assert train.later_stage_steps(config, 8, 1) == (5, 5)
+  assert stage_lib.later_stage_steps(config, 8, 1) == (5, 5)
 
 
 def _scalars(logdir):
@@ -224,13 +225,13 @@ class FakeData:
 
 
 def test_figure_takes_one_class_after_another():
-  images, labels = train.figure_examples(FakeData(), 6)
+  images, labels = figures.figure_examples(FakeData(), 6)
   assert labels.tolist() == [0, 1, 2, 3, 0, 1]
   assert images[:, 0, 0, 0].tolist() == [0, 3, 8, 6, 1, 4]  # the first examples of each class
   data = FakeData()
-  images, labels = train.figure_examples(data, 4)
+  images, labels = figures.figure_examples(data, 4)
   assert labels.tolist() == [0, 1, 2, 3] and data.read == 3
-  _, labels = train.figure_examples(FakeData(), 9)  # 3 per class where there are 3
+  _, labels = figures.figure_examples(FakeData(), 9)  # 3 per class where there are 3
   assert labels.tolist() == [0, 1, 2, 3, 0, 1, 3, 0, 1]
 
 

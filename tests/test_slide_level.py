@@ -1,5 +1,5 @@
 """camkd_jax.slide_level: the slide-level metric of a run's evaluation (patches grouped by slide),
-on a real table dataset with a slide column and through train.evaluate."""
+on a real table dataset with a slide column and through evaluation.evaluate."""
 import numpy as np
 import pytest
 
@@ -13,7 +13,7 @@ LABEL_HEADER = ('slide_id', 'patient_id', 'Gleason_primary', 'Gleason_secondary'
 
 
 def _reference_order(n, count, bl, batches):
-  """What Data.eval_batches + train.predict do: each process's contiguous shard in padded
+  """What Data.eval_batches + evaluation.predict do: each process's contiguous shard in padded
   batches of bl, global batch k = the processes' k-th batches side by side, padding dropped."""
   per_process = []
   for p in range(count):
@@ -55,8 +55,8 @@ def test_grades_per_slide_from_patch_predictions():
 
 def test_train_evaluate_adds_slide_level_and_keeps_the_patch_metrics():
   import jax  # pylint: disable=g-import-not-at-top
+  from camkd_jax import evaluation  # pylint: disable=g-import-not-at-top
   from camkd_jax import sharding  # pylint: disable=g-import-not-at-top
-  from camkd_jax import train  # pylint: disable=g-import-not-at-top
   val = ([1, 1, 2, 0, 0, 0], [1, 1, 2, 0, 0, 1])        # slides v1 (3+4), v2 (benign + 1 G3)
   test = ([2, 2, 2, 1, 1], [2, 2, 1, 1, 1])             # slide t1 (4+3 truth), ours 3+4
   level = _level({'validation': ['v1'] * 3 + ['v2'] * 3, 'test': ['t1'] * 5},
@@ -64,7 +64,7 @@ def test_train_evaluate_adds_slide_level_and_keeps_the_patch_metrics():
   # padded rows predict 3 (G5), so counting them would change the slide grades
   data = FixedPredictionData({'validation': val, 'test': test}, 4, 0, 3, level)
   eval_step = lambda params, images: 5.0 * jax.nn.one_hot(images[:, 0, 0, 0], 4)
-  out = train.evaluate(eval_step, None, data, sharding.make_mesh())
+  out = evaluation.evaluate(eval_step, None, data, sharding.make_mesh())
   # v2: 2 NC + 1 G3 -> tumour 33 % >= 5 %: 3+3 (grade group 1) against benign
   assert out['val']['slide_level']['confusion_matrix'][0][1] == 1
   assert out['val']['slide_level']['accuracy'] == 0.5
@@ -72,7 +72,7 @@ def test_train_evaluate_adds_slide_level_and_keeps_the_patch_metrics():
   assert out['test']['slide_level']['score_accuracy'] == 1.0  # 7 = 7
   assert out['val']['accuracy'] == pytest.approx(5 / 6)      # the patch metrics as before
   del data.slide_level
-  assert 'slide_level' not in train.evaluate(eval_step, None, data, sharding.make_mesh())['val']
+  assert 'slide_level' not in evaluation.evaluate(eval_step, None, data, sharding.make_mesh())['val']
 
 
 def _table(tmp_path, rows):
@@ -163,8 +163,9 @@ def test_results_md_gets_a_slide_level_section():
 
 def test_an_older_workdir_without_the_slide_level_keys_resumes():
   import copy  # pylint: disable=g-import-not-at-top
+  from camkd_jax import runs  # pylint: disable=g-import-not-at-top
   from camkd_jax import workdir  # pylint: disable=g-import-not-at-top
-  new = workdir.config_dict(data_config())
+  new = runs.config_dict(data_config())
   old = copy.deepcopy(new)
   del old['slide_level'], old['data']['slide_column']
   assert workdir.config_differences(old, new) == []
@@ -184,5 +185,5 @@ def test_selection_on_the_slide_kappa_only_when_asked():
   with pytest.raises(errors.ConfigError, match="selection.metric='slide_kappa'.*no slide-level"):
     slide_level.check_selection(cfg, None)
   slide_level.check_selection(cfg, _level({}, {}))
-  from camkd_jax import train  # pylint: disable=g-import-not-at-top
-  assert 'slide_kappa' in train.SELECTION_METRICS
+  from camkd_jax import config_checks  # pylint: disable=g-import-not-at-top
+  assert 'slide_kappa' in config_checks.SELECTION_METRICS

@@ -18,7 +18,12 @@ import pytest
 from configs import attn_kd
 from configs import base
 from camkd_jax import checkpoints
+from camkd_jax import config_checks
+from camkd_jax import evaluation
 from camkd_jax import ops
+from camkd_jax import runs
+from camkd_jax import stage as stage_lib
+from camkd_jax import teacher as teacher_lib
 from camkd_jax import train
 from camkd_jax import workdir as workdir_lib
 from helpers import FixedPredictionData
@@ -69,39 +74,39 @@ def run_cli(args, env, timeout=600, prelude=''):
 def test_validate_config_names_the_key(overrides, devices, pattern):
   config = smoke_config(**overrides)
   with pytest.raises((ValueError, FileNotFoundError), match=pattern):
-    train.validate_config(config, devices)
+    config_checks.validate_config(config, devices)
 
 
 def test_validate_config_accepts_the_shipped_configs():
   for name in ('teacher', 'ce_student', 'kd', 'fm', 'attn_kd'):
     module = __import__(f'configs.{name}', fromlist=['get_config'])
     config = module.get_config('magnification=1.25')
-    train.validate_config(config, 1)
-    assert config.method in train.METHODS
+    config_checks.validate_config(config, 1)
+    assert config.method in config_checks.METHODS
   c = attn_kd.get_config()
   assert (c.loss.fm, c.loss.at, c.loss.kd) == (0.1, 10.0, 0.0)
 
 
 def test_parse_seeds():
-  assert train.parse_seeds(attn_kd.get_config('seeds=22,32,43')) == [22, 32, 43]
-  assert train.parse_seeds(attn_kd.get_config()) == [22]
+  assert config_checks.parse_seeds(attn_kd.get_config('seeds=22,32,43')) == [22, 32, 43]
+  assert config_checks.parse_seeds(attn_kd.get_config()) == [22]
 
 
 def test_teacher_metadata_mismatch_is_refused():
   class FakeData:
     image_size, class_names, num_classes = 32, ['NC', 'G3', 'G4', 'G5'], 4
   config = smoke_config()
-  meta = train.model_metadata(config, FakeData, None)
-  train.check_teacher_metadata(meta, config, FakeData, '/t')  # matches: no error
+  meta = runs.model_metadata(config, FakeData, None)
+  teacher_lib.check_teacher_metadata(meta, config, FakeData.class_names, '/t')  # no error
   meta['model']['width'] = 0.5
   meta['class_names'] = ['a', 'b', 'c', 'd']
   with pytest.raises(ValueError, match=r"(?s)teacher in /t does not match.*model.width: teacher "
                                        r"0.5, this config 0.0625.*class_names"):
-    train.check_teacher_metadata(meta, config, FakeData, '/t')
-  meta = train.model_metadata(config, FakeData, None)
+    teacher_lib.check_teacher_metadata(meta, config, FakeData.class_names, '/t')
+  meta = runs.model_metadata(config, FakeData, None)
   meta['model']['input_std'] = []  # trained without input standardisation
   with pytest.raises(ValueError, match=r'model.input_std: teacher \[\], this config \[0.123'):
-    train.check_teacher_metadata(meta, config, FakeData, '/t')
+    teacher_lib.check_teacher_metadata(meta, config, FakeData.class_names, '/t')
 
 
 def test_missing_dataset_error_propagates_and_keeps_files(tmp_path):
@@ -126,7 +131,7 @@ def test_evaluate_on_fixed_logits_by_hand():
   data = FixedPredictionData({'validation': ([0, 1, 2, 2, 1], [0, 2, 2, 1, 1]),
                               'test': ([2, 2, 0], [2, 2, 0])}, 3, 1, 2)
   eval_step = lambda params, images: 5.0 * jax.nn.one_hot(images[:, 0, 0, 0], 3)
-  out = train.evaluate(eval_step, None, data, sharding.make_mesh())
+  out = evaluation.evaluate(eval_step, None, data, sharding.make_mesh())
   val, test = out['val'], out['test']
   assert val['confusion_matrix'] == [[1, 0, 0], [0, 1, 1], [0, 1, 1]]
   assert val['num_examples'] == 5 and val['accuracy'] == pytest.approx(3 / 5)
@@ -241,7 +246,7 @@ def test_cli_end_to_end_outputs(reference_run):
   table = (workdir / 'results.md').read_text()
   assert '| teacher (seed 22) | 10x |' in table and '| student (seed 22) | 2.5x |' in table
   assert f"{m['student']['test']['kappa']:.4f}" in table
-  meta = checkpoints.read_metadata(str(workdir / 'teacher'))
+  meta = runs.read_metadata(str(workdir / 'teacher'))
   assert meta['class_names'] == ['NC', 'G3', 'G4', 'G5'] and meta['image_size'] == 32
   assert 'student (seed 22)' in proc.stdout  # the one-screen summary
 
@@ -265,8 +270,8 @@ def _params(path):
   import jax  # pylint: disable=g-import-not-at-top
   from camkd_jax import models, sharding  # pylint: disable=g-import-not-at-top
   config = smoke_config()
-  template = train.abstract_params(models.from_config(config.model, 4), config.image_size,
-                                   sharding.make_mesh())
+  template = teacher_lib.abstract_params(models.from_config(config.model, 4),
+                                         config.image_size, sharding.make_mesh())
   tree, _ = checkpoints.load_model(path, template)
   return {jax.tree_util.keystr(k): np.asarray(v)
           for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
@@ -288,7 +293,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, reference_run,
   proc = run_cli(args, e2e_env, prelude=KILL_PRELUDE.format(kill_at=5 + 11))
   assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   assert 'teacher: resumed from' in proc.stderr
-  assert checkpoints.is_finished_model(str(run / 'teacher'))
+  assert runs.is_finished_model(str(run / 'teacher'))
   assert sorted(os.listdir(run / 'checkpoints' / 'student')) == ['8', '9']
   # 3) resumed to the end.
   proc = run_cli(args, e2e_env)
@@ -327,7 +332,7 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path, cache_env):
   from camkd_jax import distill, models  # pylint: disable=g-import-not-at-top
   config = base.base_config('smoke=1')
   model = models.from_config(config.model, 4)
-  params = train.init_params(model, 0, config.image_size)
+  params = stage_lib.init_params(model, 0, config.image_size)
   tx = distill.make_optimizer(config.optimizer)
   template = distill.create_train_state(params, tx, jax.random.PRNGKey(0))
   state, best, progress = ckpt.restore(1, template, params)
@@ -345,25 +350,25 @@ def test_native_input_under_16_px_is_refused_naming_the_sizes(mag, size, ok):
   c.image_size = size
   c.student.view = 'native'
   if ok:
-    train.validate_view(c, ops.magnification_factor(mag))
+    config_checks.validate_view(c, ops.magnification_factor(mag))
     return
   f = ops.magnification_factor(mag)
   with pytest.raises(ValueError, match=rf'{size // f}x{size // f} px inputs .*'
                                        rf'image_size={size} / factor {f}.*at least 16x16'):
-    train.validate_config(c, 1)
+    config_checks.validate_config(c, 1)
 
 
 def test_native_one_pixel_block5_map_warns_for_fm_and_at(caplog):
   c = attn_kd.get_config('magnification=2.5')   # 64 px / 4 = 16 px: block5 is 1x1
   c.student.view = 'native'
   with caplog.at_level('WARNING'):
-    train.validate_view(c, 4)
+    config_checks.validate_view(c, 4)
   assert '16x16 px input leaves a 1x1 block5 map, so FM and AT+ compare' in caplog.text
   caplog.clear()
   c = attn_kd.get_config('magnification=5')     # 32 px: block5 is 2x2, no warning
   c.student.view = 'native'
   with caplog.at_level('WARNING'):
-    train.validate_view(c, 2)
+    config_checks.validate_view(c, 2)
   assert 'block5 map' not in caplog.text
 
 
@@ -371,7 +376,7 @@ def test_unknown_view_is_refused():
   c = attn_kd.get_config()
   c.student.view = 'full'
   with pytest.raises(ValueError, match=r"unknown config.student.view 'full'"):
-    train.validate_config(c, 1)
+    config_checks.validate_config(c, 1)
 
 
 @pytest.mark.slow
@@ -385,9 +390,9 @@ def test_native_student_end_to_end(tmp_path):
   c.num_figure_images = 2
   out = train.run(c, str(tmp_path))
   assert out['student']['view'] == 'native' and out['student']['factor'] == 2
-  meta = checkpoints.read_metadata(str(tmp_path / 'student'))
+  meta = runs.read_metadata(str(tmp_path / 'student'))
   assert meta['view'] == 'native' and meta['report']['view'] == 'native'
-  assert checkpoints.read_metadata(str(tmp_path / 'teacher'))['view'] == 'upsampled'
+  assert runs.read_metadata(str(tmp_path / 'teacher'))['view'] == 'upsampled'
   with open(tmp_path / 'figures' / 'gradcam.png', 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   saved = json.loads((tmp_path / 'config.json').read_text())

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from camkd_jax import config_checks
 from camkd_jax import distill
 from camkd_jax import models
-from camkd_jax import train
+from camkd_jax import stage as stage_lib
 from camkd_jax import weights
 from configs import attn_kd
 from configs import ce_student
@@ -193,7 +194,7 @@ def test_linear_probe_pretrained_features_beat_random_ones():
   rng.shuffle(labels)
   images = np.stack([sh.render_patch(rng, int(y), size) for y in labels]).astype(np.float32) / 255
   model = models.get_model('vgg16', 4, width=1.0)
-  random_params = train.init_params(model, 0, size)
+  random_params = stage_lib.init_params(model, 0, size)
   pretrained = weights.load_pretrained('imagenet', random_params, log=lambda m: None)
   feats = jax.jit(lambda p, x: model.apply({'params': p}, x)[1]['block5'].mean(axis=(1, 2)))
   n_train = 160
@@ -235,8 +236,8 @@ def test_sicapv2_config_resolves_to_the_papers_protocol():
   assert c.protocol == 'paper'
   assert c.model.width == 1.0 and c.model.init_weights == 'imagenet'
   assert tuple(c.model.input_mean) == () and tuple(c.model.input_std) == ()  # x / 255
-  assert train.stage_init(c, 'teacher') == {'weights': 'imagenet', 'head': 'pytorch'}
-  assert train.stage_init(c, 'student') == {'weights': 'imagenet', 'head': 'pytorch'}
+  assert weights.stage_init(c, 'teacher') == {'weights': 'imagenet', 'head': 'pytorch'}
+  assert weights.stage_init(c, 'student') == {'weights': 'imagenet', 'head': 'pytorch'}
 
 
 def test_paper_protocol_on_the_embedded_data_is_full_width_imagenet_two_epochs():
@@ -251,7 +252,7 @@ def test_paper_protocol_on_the_embedded_data_is_full_width_imagenet_two_epochs()
 def test_default_config_stays_random_init():
   c = attn_kd.get_config()
   assert c.protocol == 'default' and c.model.init_weights == '' and c.model.width == 0.125
-  assert train.stage_init(c, 'student') == {'weights': '', 'head': 'normal'}
+  assert weights.stage_init(c, 'student') == {'weights': '', 'head': 'normal'}
 
 
 @pytest.mark.parametrize('init,want', [('', {'weights': 'imagenet', 'head': 'pytorch'}),
@@ -260,35 +261,35 @@ def test_default_config_stays_random_init():
 def test_student_init_choices(init, want):
   c = ce_student.get_config('protocol=paper')
   c.student.init = init
-  assert train.stage_init(c, 'student') == want
-  assert train.stage_init(c, 'teacher') == {'weights': 'imagenet', 'head': 'pytorch'}
+  assert weights.stage_init(c, 'student') == want
+  assert weights.stage_init(c, 'teacher') == {'weights': 'imagenet', 'head': 'pytorch'}
 
 
 def test_pretrained_width_other_than_one_is_refused():
   c = attn_kd.get_config('protocol=paper')
   c.model.width = 0.5
   with pytest.raises(ValueError, match=r"init_weights='imagenet'.*width 1.0 only.*width=0.5"):
-    train.validate_init(c)
+    config_checks.validate_init(c)
   c = attn_kd.get_config()
   c.student.init = 'imagenet'
   with pytest.raises(ValueError, match=r"config.student.init='imagenet'.*width=0.125"):
-    train.validate_init(c)
+    config_checks.validate_init(c)
   c.student.init = 'pretrained'
   with pytest.raises(ValueError, match=r"unknown config.student.init 'pretrained'"):
-    train.validate_init(c)
+    config_checks.validate_init(c)
 
 
 def test_teacher_init_copies_the_trained_teacher():
   c = ce_student.get_config('smoke=1')
   c.student.init = 'teacher'
   model = models.get_model('vgg16', 4, width=c.model.width)
-  teacher_params = train.init_params(model, 5, 32)
-  stage = train.Stage('student', c, '/tmp/unused', model, None, 1, 11, 12,
+  teacher_params = stage_lib.init_params(model, 5, 32)
+  stage = stage_lib.Stage('student', c, '/tmp/unused', model, None, 1, 11, 12,
                       teacher_model=model, teacher_params=teacher_params)
-  got = train.stage_init_params(stage, 32)
+  got = stage_lib.stage_init_params(stage, 32)
   jax.tree_util.tree_map(np.testing.assert_array_equal, got, teacher_params)
   c.student.init = ''
-  fresh = train.stage_init_params(stage, 32)
+  fresh = stage_lib.stage_init_params(stage, 32)
   assert not np.array_equal(fresh['features_0']['kernel'], teacher_params['features_0']['kernel'])
 
 

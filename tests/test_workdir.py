@@ -8,7 +8,8 @@ import os
 import pytest
 
 from camkd_jax import errors
-from camkd_jax import train
+from camkd_jax import runs
+from camkd_jax import teacher as teacher_lib
 from camkd_jax import workdir as workdir_lib
 from configs import attn_kd
 from configs import base
@@ -77,7 +78,7 @@ def test_overwrite_teacher_refuses_a_configured_teacher_inside_the_workdir(tmp_p
 
 
 def test_older_workdir_without_the_new_data_keys_resumes():
-  new = workdir_lib.config_dict(base.base_config('smoke=1'))
+  new = runs.config_dict(base.base_config('smoke=1'))
   old = {**new, 'data': {k: v for k, v in new['data'].items()
                          if k not in ('class_names', 'val_fraction')}}
   assert workdir_lib.config_differences(old, new) == []
@@ -95,7 +96,7 @@ def fake_teacher(run_dir, config):
   t = run_dir / 'teacher'
   (t / 'params').mkdir(parents=True)
   (t / 'params' / 'weights').write_text('w')
-  (t / 'metadata.json').write_text(json.dumps(train.model_metadata(config, FakeData, None)))
+  (t / 'metadata.json').write_text(json.dumps(runs.model_metadata(config, FakeData, None)))
   return t
 
 
@@ -159,7 +160,7 @@ def test_overwrite_keeps_and_reuses_a_fitting_teacher(tmp_path):
 
 
 def test_overwrite_clears_every_output_the_summary_lists(tmp_path):
-  """config.overwrite deletes each of workdir.OUTPUTS (data_split.csv included: a stale split
+  """config.overwrite deletes each of runs.OUTPUTS (data_split.csv included: a stale split
   record must not survive into the new run), in the run and its seed directories; other files
   stay."""
   workdir = tmp_path / 'run'
@@ -178,7 +179,7 @@ def test_overwrite_clears_every_output_the_summary_lists(tmp_path):
     for name in ('data_split.csv', 'checkpoints', 'figures', 'metrics.json', 'results.md'):
       assert not (run / name).exists(), run / name
   assert (workdir / 'notes.txt').read_text() == 'mine'
-  assert 'data_split.csv' in workdir_lib.OUTPUTS and 'data_split.csv' in workdir_lib.CLEARED
+  assert 'data_split.csv' in runs.OUTPUTS and 'data_split.csv' in runs.CLEARED
 
 
 def test_overwrite_refuses_a_teacher_that_does_not_fit(tmp_path):
@@ -224,10 +225,10 @@ def test_overwrite_keeps_seed_teachers(tmp_path):
 def test_teacher_mismatch_found_later_names_overwrite_teacher():
   """The classes are only known with the data: the driver's check names the remedy too."""
   config = smoke_config()
-  meta = train.model_metadata(config, FakeData, None)
+  meta = runs.model_metadata(config, FakeData, None)
   meta['class_names'] = ['a', 'b', 'c', 'd']
   with pytest.raises(errors.WorkdirError, match=r'(?s)class_names.*overwrite_teacher=True'):
-    train.check_teacher_metadata(meta, config, FakeData, '/w/teacher')
+    teacher_lib.check_teacher_metadata(meta, config, FakeData.class_names, '/w/teacher')
 
 
 def test_truncated_config_json_is_replaced(tmp_path, caplog):

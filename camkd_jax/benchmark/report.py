@@ -7,7 +7,7 @@ from typing import Dict, Sequence
 
 import jax
 
-from camkd_jax import errors
+from camkd_jax import runs
 
 
 COLUMNS = (
@@ -55,7 +55,7 @@ def write_json(result, path):
   """The result as JSON at `path` (nothing for an empty path), replacing the file atomically:
   written after every configuration, so a crash later in the run loses nothing already timed."""
   if path:
-    errors.atomic_write(path, lambda f: json.dump(result, f, indent=1))
+    runs.atomic_write(path, lambda f: json.dump(result, f, indent=1))
 
 
 def summary(row) -> str:

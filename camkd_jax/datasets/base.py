@@ -17,6 +17,7 @@ from absl import logging
 import numpy as np
 
 from camkd_jax import errors
+from camkd_jax import runs
 
 SPLITS = ('train', 'validation', 'test')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
@@ -178,10 +179,7 @@ def _save_cache(key, cache):
   """Best effort (a read-only home only costs a re-check next time)."""
   path = _cache_file(key)
   try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + '.tmp', 'w') as f:
-      json.dump(cache, f)
-    os.replace(path + '.tmp', path)
+    runs.atomic_write(path, lambda f: json.dump(cache, f))
   except OSError:
     pass
 

@@ -10,6 +10,7 @@ from typing import Any, Dict, List
 import numpy as np
 
 from camkd_jax import errors
+from camkd_jax import runs
 from camkd_jax.export.card import model_card
 from camkd_jax.export.model import (CARD_FILE, ONNX_FILE, ONNX_INPUTS, PARITY_ATOL, PARITY_TILES,
                                     TORCHSCRIPT_FILE, WSINFER_CONFIG, ExportError, conv_blocks,
@@ -80,7 +81,7 @@ def export(workdir: str, out: str, which: str = 'student', fmt: str = 'all',
     with errors.disk_writes(out, 'the exported model'):
       files, parity = _write_formats(rm, tmp, formats, onnx_input)
       card = model_card(rm, which, workdir, files, parity, onnx_input)
-      errors.atomic_write(os.path.join(tmp, CARD_FILE), lambda f: f.write(card))
+      runs.atomic_write(os.path.join(tmp, CARD_FILE), lambda f: f.write(card))
       if os.path.exists(out):
         shutil.rmtree(out)
       os.replace(tmp, out)
@@ -104,7 +105,7 @@ def _write_formats(rm, tmp: str, formats: List[str], onnx_input: str):
     config = wsinfer_config(rm)
     path = os.path.join(tmp, TORCHSCRIPT_FILE)
     write_torchscript(rm, path)
-    errors.atomic_write(os.path.join(tmp, WSINFER_CONFIG),
+    runs.atomic_write(os.path.join(tmp, WSINFER_CONFIG),
                         lambda f: f.write(json.dumps(config, indent=2) + '\n'))
     parity['TorchScript (torch.jit.load + the config\'s transforms)'] = check_parity(
         'TorchScript', torchscript_probabilities(path, config, tiles), want, rm.path)
