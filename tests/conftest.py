@@ -42,3 +42,14 @@ def tiny():
 def _image_check_cache(tmp_path_factory, monkeypatch):
   """The image-check cache of the folder/table datasets goes to a temporary folder, not ~/.cache."""
   monkeypatch.setenv('CAMKD_CACHE_DIR', str(tmp_path_factory.getbasetemp() / 'camkd_cache'))
+
+
+@pytest.fixture(scope='session')
+def smoke_builder(tmp_path_factory):
+  """The synthetic_histology TFDS builder's `smoke` build (64/32/32 patches of 32 px), prepared
+  once per session for the tests that read it."""
+  from camkd_jax.datasets import synthetic_histology  # pylint: disable=g-import-not-at-top
+  builder = synthetic_histology.SyntheticHistology(
+      config='smoke', data_dir=str(tmp_path_factory.mktemp('tfds_smoke')))
+  builder.download_and_prepare()
+  return builder
