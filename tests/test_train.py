@@ -67,9 +67,13 @@ def run_cli(args, env, timeout=600, prelude=''):
     ({'teacher.checkpoint': '/nonexistent/teacher'}, 1, r'metadata.json not found'),
 ])
 def test_validate_config_names_the_key(overrides, devices, pattern):
+  from camkd_jax import errors  # pylint: disable=g-import-not-at-top
   config = smoke_config(**overrides)
-  with pytest.raises((ValueError, FileNotFoundError), match=pattern):
+  # A broken teacher export is a ModelExportError (a FileNotFoundError); the rest ConfigErrors.
+  expected = errors.ModelExportError if 'teacher.checkpoint' in overrides else errors.ConfigError
+  with pytest.raises(expected, match=pattern) as info:
     train.validate_config(config, devices)
+  assert type(info.value) is expected
 
 
 def test_validate_config_accepts_the_shipped_configs():
@@ -112,9 +116,13 @@ def test_missing_dataset_error_propagates_and_keeps_files(tmp_path):
   marker = workdir / 'checkpoints' / 'teacher' / 'keep'
   marker.parent.mkdir(parents=True)
   marker.write_text('x')
-  with pytest.raises(Exception) as info:
+  from camkd_jax.datasets import base as datasets_base  # pylint: disable=g-import-not-at-top
+  with pytest.raises(datasets_base.DataNotFoundError) as info:
     train.run(config, str(workdir))
-  assert 'nowhere' in str(info.value) or 'manual' in str(info.value).lower(), str(info.value)
+  assert str(info.value).startswith(
+      "SICAPv2 (Val1) is not where it was expected; missing:\n  the manual directory "
+      f"'{tmp_path}/nowhere' itself\nSICAPv2 must be downloaded by hand"), str(info.value)
+  assert 'data_dir=DIR' in str(info.value)
   assert marker.read_text() == 'x' and (workdir / 'config.json').is_file()
 
 
