@@ -6,7 +6,12 @@ import textwrap
 
 import pytest
 
+from helpers import FAST_XLA_FLAGS
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Before any test starts the XLA backend; inherited by the subprocesses that copy os.environ.
+if FAST_XLA_FLAGS not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + FAST_XLA_FLAGS).strip()
 
 
 def run_python(code, env_extra=None, timeout=300):

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from camkd_jax import distributed
+from helpers import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEADLINE_S = 420                 # per launch, all its processes together (2-core CI: ~1-2 min)
@@ -108,8 +109,7 @@ def _env(devices: int, cache_dir: str, extra=None):
          if not k.startswith(('CAMKD_', 'JAX_COORDINATOR', 'SLURM_', 'OMPI_', 'XLA_FLAGS'))}
   env.update(PYTHONPATH=REPO + os.pathsep + env.get('PYTHONPATH', ''), JAX_PLATFORMS='cpu',
              # Cheaper CPU compiles (same flags for every run: the numerics stay comparable).
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
-             '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true',
+             XLA_FLAGS=xla_flags(devices),
              TF_CPP_MIN_LOG_LEVEL='2', CAMKD_INIT_TIMEOUT='120',
              JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   env.update(extra or {})

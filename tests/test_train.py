@@ -24,6 +24,7 @@ from camkd_jax import workdir as workdir_lib
 from helpers import FixedPredictionData
 from helpers import load_json
 from helpers import smoke_config
+from helpers import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = 'configs/attn_kd.py:smoke=1'
@@ -38,7 +39,7 @@ def cache_env(tmp_path_factory):
   env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   env['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
   env['JAX_PLATFORMS'] = 'cpu'
-  env.pop('XLA_FLAGS', None)
+  env['XLA_FLAGS'] = xla_flags()
   return env
 
 
@@ -190,7 +191,7 @@ E2E_ARGS = ['--config', SMOKE, '--config.max_steps=-1', '--config.num_epochs=2',
 
 @pytest.fixture(scope='module')
 def e2e_env(cache_env):
-  return dict(cache_env, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  return dict(cache_env, XLA_FLAGS=xla_flags(2))
 
 
 @pytest.fixture(scope='module')
