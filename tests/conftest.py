@@ -6,7 +6,12 @@ import textwrap
 
 import pytest
 
+from helpers import FAST_XLA_FLAGS
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Before any test starts the XLA backend; inherited by the subprocesses that copy os.environ.
+if FAST_XLA_FLAGS not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + FAST_XLA_FLAGS).strip()
 
 
 def run_python(code, env_extra=None, timeout=300):
@@ -42,3 +47,14 @@ def tiny():
 def _image_check_cache(tmp_path_factory, monkeypatch):
   """The image-check cache of the folder/table datasets goes to a temporary folder, not ~/.cache."""
   monkeypatch.setenv('CAMKD_CACHE_DIR', str(tmp_path_factory.getbasetemp() / 'camkd_cache'))
+
+
+@pytest.fixture(scope='session')
+def smoke_builder(tmp_path_factory):
+  """The synthetic_histology TFDS builder's `smoke` build (64/32/32 patches of 32 px), prepared
+  once per session for the tests that read it."""
+  from camkd_jax.datasets import synthetic_histology  # pylint: disable=g-import-not-at-top
+  builder = synthetic_histology.SyntheticHistology(
+      config='smoke', data_dir=str(tmp_path_factory.mktemp('tfds_smoke')))
+  builder.download_and_prepare()
+  return builder

@@ -16,6 +16,7 @@ import pytest
 from scipy import ndimage
 
 from camkd_jax import augment as A
+from helpers import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Jitted once per (params, shape): eager op-by-op dispatch is what makes tests slow on CPU.
@@ -338,7 +339,7 @@ _SHARDED_SCRIPT = textwrap.dedent('''
 
 
 def test_sharded_matches_unsharded():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4),
              JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO))
   proc = subprocess.run([sys.executable, '-c', _SHARDED_SCRIPT], env=env, cwd=REPO,
                         capture_output=True, text=True, timeout=300)

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from camkd_jax import distributed
+from helpers import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEADLINE_S = 420                 # per launch, all its processes together (2-core CI: ~1-2 min)
@@ -108,8 +109,7 @@ def _env(devices: int, cache_dir: str, extra=None):
          if not k.startswith(('CAMKD_', 'JAX_COORDINATOR', 'SLURM_', 'OMPI_', 'XLA_FLAGS'))}
   env.update(PYTHONPATH=REPO + os.pathsep + env.get('PYTHONPATH', ''), JAX_PLATFORMS='cpu',
              # Cheaper CPU compiles (same flags for every run: the numerics stay comparable).
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
-             '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true',
+             XLA_FLAGS=xla_flags(devices),
              TF_CPP_MIN_LOG_LEVEL='2', CAMKD_INIT_TIMEOUT='120',
              JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   env.update(extra or {})
@@ -348,8 +348,8 @@ def test_killed_two_process_run_resumes_from_its_checkpoint(base, uninterrupted)
                        what=f'{model} params ')
 
 
-# Process 1 alone receives SIGTERM (SIGNAL) while it fetches its `at`-th training batch (teacher +
-# student).
+# Process 1 alone receives SIGNAL while it fetches its `at`-th training batch (of every stage it
+# trains).
 SIGNAL_ONE_PROCESS = """
 import os, signal, time
 from camkd_jax import input_pipeline
@@ -367,17 +367,24 @@ input_pipeline.Data.train_batches = _train_batches
 """
 
 
+def trained_teacher(uninterrupted):
+  """--config.teacher.checkpoint of the uninterrupted 2-process run's teacher: the signal tests
+  below stop the student stage, so they load that teacher instead of training their own."""
+  return [f'--config.teacher.checkpoint={os.path.join(uninterrupted[1].workdir, "teacher")}']
+
+
 @pytest.mark.slow
-def test_sigterm_to_one_process_stops_both_at_the_same_step(base):
+def test_sigterm_to_one_process_stops_both_at_the_same_step(base, uninterrupted):
   """A pre-emption notice (SIGTERM) that reaches one process of two: JAX's preemption service
   shares it, both processes stop at the same step with one collective checkpoint, exit 143 with
   the same message, and the rerun resumes from that step. (Before: the service swallowed the
   signal and the run went on; a process stopping alone would have left the other waiting.)"""
   workdir = os.path.join(base['root'], 'sigterm')
   t0 = time.time()
-  args = NO_FIGURES + ['--config.max_steps=8']  # teacher 8 steps, student 8 steps (one epoch)
+  # A loaded teacher, then a student of 8 steps (one epoch); signalled at its 2nd batch.
+  args = NO_FIGURES + ['--config.max_steps=8'] + trained_teacher(uninterrupted)
   stopped = Launch('sigterm', workdir, base['data'], 2, 2, base['cache'], args,
-                   prelude=SIGNAL_ONE_PROCESS.format(at=8 + 2, signal='SIGTERM'))
+                   prelude=SIGNAL_ONE_PROCESS.format(at=2, signal='SIGTERM'))
   wait_stopped(stopped)
   assert stopped.codes() == [143, 143], stopped.tails()
   last = [stopped.log(i).strip().splitlines()[-1] for i in (0, 1)]
@@ -393,17 +400,19 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(base):
   wait([resumed])
   print(f'SIGTERM to one process + resumed 2-process runs: {time.time() - t0:.1f} s')
   assert re.search(rf'student: resumed from \S+/{step}\n', resumed.log(0)), resumed.tails()
+  assert 'teacher: loaded' in resumed.log(0), resumed.tails()
   assert read_json(os.path.join(workdir, 'metrics.json'))['student']['history'][-1]['step'] == 8
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_one_process_stops_both_at_the_next_log_step(base):
+def test_ctrl_c_in_one_process_stops_both_at_the_next_log_step(base, uninterrupted):
   """SIGINT (not taken by JAX's preemption service) in one process: both agree at the next log
   step (4 here) and stop there; the signalled process names SIGINT, the other the group."""
   workdir = os.path.join(base['root'], 'sigint')
-  args = NO_FIGURES + ['--config.max_steps=8', '--config.log_every_steps=4']
+  args = NO_FIGURES + ['--config.max_steps=8', '--config.log_every_steps=4'] + trained_teacher(
+      uninterrupted)
   stopped = Launch('sigint', workdir, base['data'], 2, 2, base['cache'], args,
-                   prelude=SIGNAL_ONE_PROCESS.format(at=8 + 2, signal='SIGINT'))
+                   prelude=SIGNAL_ONE_PROCESS.format(at=2, signal='SIGINT'))
   wait_stopped(stopped)
   assert stopped.codes() == [130, 130], stopped.tails()
   message = 'error: interrupted at step 4; rerun the same command to resume from step 4 '

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from camkd_jax import inference
+from helpers import xla_flags
 import reference_np
 import run_export
 
@@ -132,7 +133,7 @@ def test_sharded_over_two_devices_equals_one(python_runner, run_dir):
       assert p.batch_size == 4 and p.mesh.size == 2
       tiles = np.random.default_rng(3).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
       print(repr(p.predict(tiles).tolist()))
-  ''', {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'})
+  ''', {'XLA_FLAGS': xla_flags(2)})
   got = np.array(eval(out.strip().splitlines()[-1]))  # pylint: disable=eval-used
   np.testing.assert_allclose(got, want, atol=2e-6)
 

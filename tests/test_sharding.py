@@ -2,6 +2,7 @@
 import pytest
 
 from camkd_jax import sharding
+from helpers import xla_flags
 
 
 def test_batch_not_divisible_by_devices_is_named():
@@ -54,5 +55,5 @@ def test_sharded_equals_unsharded(python_runner, view, factor):
   """Two steps and the eval logits on 4 devices equal 1 device (a native student too)."""
   script = (SHARDED.replace('AUG', 'augment.AugmentParams()').replace('FACTOR', str(factor))
             .replace('VIEW', repr(view)))
-  out = python_runner(script, {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})
+  out = python_runner(script, {'XLA_FLAGS': xla_flags(4)})
   assert out.startswith('OK'), out

@@ -59,13 +59,6 @@ def test_classes_differ_in_fine_structure():
   assert m[2] - 3 * s[2] > m[0] + 3 * s[0], (m, s)
 
 
-@pytest.fixture(scope='module')
-def smoke_builder(tmp_path_factory):
-  builder = sh.SyntheticHistology(config='smoke', data_dir=str(tmp_path_factory.mktemp('tfds')))
-  builder.download_and_prepare()
-  return builder
-
-
 def test_synthetic_builder_sizes_and_content(smoke_builder):
   info = smoke_builder.info
   assert info.features['label'].names == ['NC', 'G3', 'G4', 'G5']

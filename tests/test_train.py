@@ -29,6 +29,7 @@ from camkd_jax import workdir as workdir_lib
 from helpers import FixedPredictionData
 from helpers import load_json
 from helpers import smoke_config
+from helpers import xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = 'configs/attn_kd.py:smoke=1'
@@ -43,7 +44,7 @@ def cache_env(tmp_path_factory):
   env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   env['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
   env['JAX_PLATFORMS'] = 'cpu'
-  env.pop('XLA_FLAGS', None)
+  env['XLA_FLAGS'] = xla_flags()
   return env
 
 
@@ -72,9 +73,13 @@ def run_cli(args, env, timeout=600, prelude=''):
     ({'teacher.checkpoint': '/nonexistent/teacher'}, 1, r'metadata.json not found'),
 ])
 def test_validate_config_names_the_key(overrides, devices, pattern):
+  from camkd_jax import errors  # pylint: disable=g-import-not-at-top
   config = smoke_config(**overrides)
-  with pytest.raises((ValueError, FileNotFoundError), match=pattern):
+  # A broken teacher export is a ModelExportError (a FileNotFoundError); the rest ConfigErrors.
+  expected = errors.ModelExportError if 'teacher.checkpoint' in overrides else errors.ConfigError
+  with pytest.raises(expected, match=pattern) as info:
     config_checks.validate_config(config, devices)
+  assert type(info.value) is expected
 
 
 def test_validate_config_accepts_the_shipped_configs():
@@ -117,9 +122,13 @@ def test_missing_dataset_error_propagates_and_keeps_files(tmp_path):
   marker = workdir / 'checkpoints' / 'teacher' / 'keep'
   marker.parent.mkdir(parents=True)
   marker.write_text('x')
-  with pytest.raises(Exception) as info:
+  from camkd_jax.datasets import base as datasets_base  # pylint: disable=g-import-not-at-top
+  with pytest.raises(datasets_base.DataNotFoundError) as info:
     train.run(config, str(workdir))
-  assert 'nowhere' in str(info.value) or 'manual' in str(info.value).lower(), str(info.value)
+  assert str(info.value).startswith(
+      "SICAPv2 (Val1) is not where it was expected; missing:\n  the manual directory "
+      f"'{tmp_path}/nowhere' itself\nSICAPv2 must be downloaded by hand"), str(info.value)
+  assert 'data_dir=DIR' in str(info.value)
   assert marker.read_text() == 'x' and (workdir / 'config.json').is_file()
 
 
@@ -187,7 +196,7 @@ E2E_ARGS = ['--config', SMOKE, '--config.max_steps=-1', '--config.num_epochs=2',
 
 @pytest.fixture(scope='module')
 def e2e_env(cache_env):
-  return dict(cache_env, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  return dict(cache_env, XLA_FLAGS=xla_flags(2))
 
 
 @pytest.fixture(scope='module')
