@@ -3,8 +3,8 @@
   maybe_initialize(config, coordinator_address=None, num_processes=None, process_id=None)
 
 Where the settings come from, first match wins:
-  1. explicit arguments (main.py passes its --coordinator_address / --num_processes /
-     --process_id flags),
+  1. explicit arguments (cli.initialize_distributed passes the --coordinator_address /
+     --num_processes / --process_id flags of main and slide),
   2. the environment: CAMKD_COORDINATOR (host:port of process 0), CAMKD_NUM_PROCESSES,
      CAMKD_PROCESS_ID,
   3. JAX's own detection, for whatever is still unset: Cloud TPU pods, SLURM (srun), Open MPI,

@@ -127,7 +127,7 @@ def data_config(args, dataset):
   d.split_ratio = (0.7, 0.15, 0.15)            # folder/table without split dirs
   d.skip_corrupt = False
   d.synthetic_size = 'default'                 # synthetic_histology builder config
-  # -- bring-your-own tables/folders (camkd_jax/datasets/folder.py; data helper) --
+  # -- bring-your-own tables/folders (camkd_jax/datasets/folder.py) --
   d.class_columns = ''                         # table one-hot columns, 'A,B,C' ('' = all 0/1 ones)
   d.split_column = ''                          # table column naming train/validation(val)/test
   #                                              ('' = the column 'split' if there is one)
