@@ -95,12 +95,12 @@ def folder_examples(root, class_names):
 
 def table_examples(path, class_names, image_column, label_column):
   """Rows of a table: image paths and labels (-1 when the table has no labels)."""
-  from camkd_jax.datasets import folder  # pylint: disable=g-import-not-at-top
+  from camkd_jax.datasets import table  # pylint: disable=g-import-not-at-top
   if not os.path.isfile(path):
     raise base.DataNotFoundError(f'--table={path!r} is not a file')
-  t = folder.Table(path)
+  t = table.Table(path)
   t.require(image_column, 'image_column (or --image_column)')
-  paths = folder.image_paths(t, image_column)
+  paths = table.image_paths(t, image_column)
   label_column = label_column or ('label' if 'label' in t.col else '')
   if label_column:
     t.require(label_column, 'label_column (or --label_column)')

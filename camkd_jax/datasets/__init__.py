@@ -19,7 +19,8 @@ def get_source(config):
     raise ValueError(f'unknown dataset {name!r} (config.data.name); known: {list(KNOWN)}')
   if name in ('folder', 'table'):
     from camkd_jax.datasets import folder  # pylint: disable=g-import-not-at-top
-    return folder.folder_source(config) if name == 'folder' else folder.table_source(config)
+    from camkd_jax.datasets import table  # pylint: disable=g-import-not-at-top
+    return folder.folder_source(config) if name == 'folder' else table.table_source(config)
   from camkd_jax.datasets import tfds_source  # pylint: disable=g-import-not-at-top
   data_dir = config.data.data_dir or None
   if name == 'synthetic_histology':
