@@ -58,3 +58,38 @@ def smoke_builder(tmp_path_factory):
       config='smoke', data_dir=str(tmp_path_factory.mktemp('tfds_smoke')))
   builder.download_and_prepare()
   return builder
+
+
+# ----------------------------------------------------------------------------- test slides
+SLIDE_TILE = 32                               # patch = teacher tile at 10x
+SLIDE_CLASSES = ((0, 1, 2, 3), (3, 2, 1, 0))  # 8 regions of 5 x 5 cells less corners: 168 tissue tiles
+
+
+@pytest.fixture(scope='session')
+def slides(tmp_path_factory):
+  """Synthetic Aperio-like slides (camkd_jax.slide_testdata), written once for the whole run."""
+  from camkd_jax import slide_testdata  # pylint: disable=g-import-not-at-top
+  d = tmp_path_factory.mktemp('slides')
+  out = {'s10': slide_testdata.write_slide(str(d / 's10.svs'), SLIDE_TILE, SLIDE_CLASSES),
+         's20': slide_testdata.write_slide(str(d / 's20.svs'), SLIDE_TILE, SLIDE_CLASSES,
+                                        magnification=20),
+         'nometa': slide_testdata.write_slide(str(d / 'nometa.tif'), SLIDE_TILE, ((1,),),
+                                              metadata=False)}
+  (d / 'notes.svs').write_text('not a slide\n')
+  out['corrupt'] = _corrupt_level0_tile(d)
+  return d, out
+
+
+def _corrupt_level0_tile(d):
+  """A slide that opens (metadata and thumbnail fine) but whose level-0 tile data is garbage."""
+  import tifffile  # pylint: disable=g-import-not-at-top
+  from camkd_jax import slide_testdata  # pylint: disable=g-import-not-at-top
+  path = str(d / 'corrupt.svs')
+  slide_testdata.write_slide(path, SLIDE_TILE, ((2, 3),))
+  with tifffile.TiffFile(path) as tif:
+    offsets, counts = tif.pages[0].dataoffsets, tif.pages[0].databytecounts
+  with open(path, 'r+b') as f:
+    for off, n in zip(offsets, counts):
+      f.seek(off)
+      f.write(bytes(range(256)) * (n // 256) + b'\x00' * (n % 256))
+  return path
