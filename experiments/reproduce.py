@@ -54,6 +54,7 @@ import numpy as np  # pylint: disable=wrong-import-position
 
 from camkd_jax import metrics as metrics_lib  # pylint: disable=wrong-import-position
 from camkd_jax import reporting  # pylint: disable=wrong-import-position
+from camkd_jax import runs  # pylint: disable=wrong-import-position
 
 # method -> (config module, loss overrides). 'at' is AT+ alone, 'fm_at' the paper's FM + AT+.
 METHODS = {
@@ -255,7 +256,7 @@ def method_config(method, arg, seed, overrides):
 
 
 def finished(workdir, key):
-  path = os.path.join(workdir, 'metrics.json')
+  path = os.path.join(workdir, runs.METRICS)
   if not os.path.exists(path):
     return None
   with open(path) as f:
@@ -280,7 +281,6 @@ def check_store(args):
   """Creates `args.store` with its settings, or checks that they are this sweep's."""
   if not args.store:
     return
-  from camkd_jax import runs  # pylint: disable=g-import-not-at-top
   path = os.path.join(args.store, 'sweep.json')
   mine = store_settings(args)
   if not os.path.exists(path):
@@ -321,7 +321,6 @@ def record_cell(args, workdir, cell, metrics, extra=None):
   path = store_record_path(args.store, workdir)
   if os.path.exists(path):
     return
-  from camkd_jax import runs  # pylint: disable=g-import-not-at-top
   method, mag, seed = cell
   record = {'cell': os.path.basename(os.path.normpath(workdir)), 'method': method,
             'magnification': mag, 'seed': seed, 'settings': store_settings(args),
@@ -943,10 +942,9 @@ def main(argv=None):
   if args.notes and os.path.exists(args.notes):
     with open(args.notes) as f:
       text += '\n' + f.read()
-  with open(args.out, 'w') as f:
-    f.write(text)
-  with open(os.path.splitext(args.out)[0] + '.json', 'w') as f:
-    json.dump({f'{k[0]}|{k[1]}': v for k, v in table.items()}, f, indent=1)
+  runs.atomic_write(args.out, lambda f: f.write(text))
+  runs.write_json(os.path.splitext(args.out)[0] + '.json',
+                  {f'{k[0]}|{k[1]}': v for k, v in table.items()}, indent=1)
   print(text)
   return table
 
