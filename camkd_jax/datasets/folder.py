@@ -165,7 +165,7 @@ def _carve(labels, split_of, origin, class_names, config):
 
 
 def make_source(name, where, class_names, paths, labels, splits, origin, config, slides=None,
-            **extra):
+                **extra):
   """Checks every image, splits the readable ones and builds the ListSource (with the record
   of which file went where). `slides`: the slide of each image (a table's slide column)."""
   keep, bad, sizes = base.readable_files(list(paths), f'{name} dataset {where}',
@@ -261,4 +261,4 @@ def folder_source(config):
     parts = _from_class_folders(root, subdirs, config)
   class_names, given, paths, labels, splits, origin = parts
   return make_source('folder', root, class_names, paths, labels, splits, origin, config,
-                 order_given=given)
+                     order_given=given)

@@ -16,6 +16,8 @@ from camkd_jax import parsing
 from camkd_jax.datasets import base
 from camkd_jax.datasets import folder
 
+DataError = base.DataError
+
 def _is_binary_column(rows, j):
   vals = {r[j] for r in rows}
   return bool(vals) and vals <= {'0', '1', '0.0', '1.0', ''} and vals & {'1', '1.0'}
@@ -51,7 +53,7 @@ class Table:
 
   def require(self, column, key):
     if column not in self.col:
-      raise base.DataError(f'table {self.path}: no column {column!r} (config.data.{key}); columns: '
+      raise DataError(f'table {self.path}: no column {column!r} (config.data.{key}); columns: '
                       f'{self.header}')
 
 
@@ -59,7 +61,7 @@ def _split_column(t, config):
   """The split column's name, or '' when the table has none (then config.data.split_ratio)."""
   asked = str(folder.data_option(config, 'split_column', '') or '')
   if asked and asked not in t.col:
-    raise base.DataError(f'table {t.path}: no split column {asked!r} (config.data.split_column); '
+    raise DataError(f'table {t.path}: no split column {asked!r} (config.data.split_column); '
                     f'columns: {t.header}. Fix the name, or set config.data.split_column=\'\' '
                     'to split by config.data.split_ratio')
   return asked or ('split' if 'split' in t.col else '')
@@ -71,12 +73,12 @@ def _labels_from_column(t, column, config):
   values = t.values(column)
   empty = [t.numbers[i] for i, v in enumerate(values) if v == '']
   if empty:
-    raise base.DataError(f'table {t.path}: empty label in column {column!r} in {_rows_text(empty)}; '
+    raise DataError(f'table {t.path}: empty label in column {column!r} in {_rows_text(empty)}; '
                     'fill or drop those rows')
   wanted = folder.wanted_classes(config)
   outside = [f'{t.numbers[i]} ({v!r})' for i, v in enumerate(values) if wanted and v not in wanted]
   if outside:
-    raise base.DataError(f'table {t.path}: label(s) outside config.data.class_names={wanted} in '
+    raise DataError(f'table {t.path}: label(s) outside config.data.class_names={wanted} in '
                     f'{_rows_text(outside)}; fix those labels (a typo?) or list the class in '
                     'config.data.class_names')
   class_names, given = folder.order_classes(set(values), config, f'table {t.path}', _sort_key)
@@ -94,14 +96,14 @@ def _labels_from_one_hot(t, config, split_col, image_col):
   if columns:
     missing = [c for c in columns if c not in t.col]
     if missing:
-      raise base.DataError(f'table {t.path}: class column(s) {missing} (config.data.class_columns or '
+      raise DataError(f'table {t.path}: class column(s) {missing} (config.data.class_columns or '
                       f'class_names) not in the header {t.header}')
   else:
     skip = {image_col, split_col}
     columns = [h for j, h in enumerate(t.header) if h not in skip and h
                and _is_binary_column(t.rows, j)]
     if len(columns) < 2:
-      raise base.DataError(f'table {t.path}: set config.data.label_column, or give one-hot 0/1 '
+      raise DataError(f'table {t.path}: set config.data.label_column, or give one-hot 0/1 '
                       f'class columns (found {columns}); columns: {t.header}')
   class_names, _ = folder.order_classes(set(columns), config, f'table {t.path}')
   if not folder.wanted_classes(config):
@@ -123,7 +125,7 @@ def image_paths(t, image_col):
     elif not os.path.isfile(p):
       missing.append(f'{t.numbers[i]} ({rel!r})')
   if empty:
-    raise base.DataError(f'table {t.path}: empty image path in column {image_col!r} in '
+    raise DataError(f'table {t.path}: empty image path in column {image_col!r} in '
                     f'{_rows_text(empty)}')
   if missing:
     raise base.DataNotFoundError(
@@ -142,7 +144,7 @@ def _row_splits(t, split_col):
     if not out[-1]:
       bad.append(f'{t.numbers[i]} ({v!r})')
   if bad:
-    raise base.DataError(f'table {t.path}: split values in column {split_col!r} that are not one of '
+    raise DataError(f'table {t.path}: split values in column {split_col!r} that are not one of '
                     f'train, validation (val), test: {_rows_text(bad)}')
   return out
 
@@ -167,11 +169,11 @@ def _unique_rows(t, paths, labels, splits, class_names):
     shown = [f'{t.values(t.image_col)[min(rows)]!r} (' + ', '.join(
         f'row {t.numbers[r]} {s}' for r, s in sorted(rows.items())) + ')'
              for rows in leaks.values()]
-    raise base.DataError(f'table {t.path}: {len(leaks)} image(s) appear in more than one split '
+    raise DataError(f'table {t.path}: {len(leaks)} image(s) appear in more than one split '
                     f'(leakage: the metrics would be too good): {base.first_of(shown)}. Keep '
                     'each image in one split.')
   if conflicts:
-    raise base.DataError(f'table {t.path}: {len(conflicts)} image(s) have different labels in '
+    raise DataError(f'table {t.path}: {len(conflicts)} image(s) have different labels in '
                     f'different rows: {base.first_of(conflicts)}; keep one row per image')
   if dups:
     logging.warning('table %s: dropped %d duplicate row(s) (same image, label and split as an '
@@ -183,7 +185,7 @@ def _check_table_splits(t, splits, split_col):
   """A table with a split column needs train and test rows (validation may be carved)."""
   missing = [s for s in ('train', 'test') if split_col and s not in splits]
   if missing:
-    raise base.DataError(f'table {t.path}: no {" or ".join(missing)} rows in split column '
+    raise DataError(f'table {t.path}: no {" or ".join(missing)} rows in split column '
                     f'{split_col!r}; a table with a split column needs train and test rows '
                     '(validation is carved out of train when absent)')
 
@@ -216,8 +218,8 @@ def table_source(config):
   slide_col = slide_col or ('slide' if 'slide' in t.col else '')
   slides = t.values(slide_col) if slide_col else None
   if slides is not None and '' in slides:
-    raise base.DataError(f'table {t.path}: empty slide in column {slide_col!r} in '
+    raise DataError(f'table {t.path}: empty slide in column {slide_col!r} in '
                     f'{_rows_text([n for n, v in zip(t.numbers, slides) if not v])}; fill them '
                     'or drop the column')
   return folder.make_source('table', path, class_names, paths, labels, splits, origin, config,
-                 slides=slides, order_given=given, hints=hints)
+                            slides=slides, order_given=given, hints=hints)
