@@ -88,5 +88,5 @@ def save_overlay(path, plan, probs, class_names):
   _legend(ax, class_names)
   ax.set_title(os.path.basename(plan.path), fontsize=9)
   runs.atomic_write(path, lambda f: fig.savefig(f, dpi=100, bbox_inches='tight', format='png'),
-                      mode='wb')
+                    mode='wb')
   plt.close(fig)

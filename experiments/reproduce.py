@@ -626,8 +626,8 @@ def per_seed_markdown(results, mags, methods, seeds, teacher_label='10x'):
   """Test kappa (val kappa) of every cell, one column per seed: the spread behind each mean."""
   def cell(out):
     return '-' if out is None else f'{out["test"]["kappa"]:.3f} ({out["val"]["kappa"]:.3f})'
-  rows = [['teacher', teacher_label] + [cell((results.get(('teacher', None, s)) or {}).get('teacher'))
-                                for s in seeds]]
+  teachers = [(results.get(('teacher', None, s)) or {}).get('teacher') for s in seeds]
+  rows = [['teacher', teacher_label] + [cell(t) for t in teachers]]
   for mag in mags:
     for method in methods:
       if not any((method, mag, s) in results for s in seeds):

@@ -62,7 +62,8 @@ def smoke_builder(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- test slides
 SLIDE_TILE = 32                               # patch = teacher tile at 10x
-SLIDE_CLASSES = ((0, 1, 2, 3), (3, 2, 1, 0))  # 8 regions of 5 x 5 cells less corners: 168 tissue tiles
+# 8 regions of 5 x 5 cells less corners: 168 tissue tiles
+SLIDE_CLASSES = ((0, 1, 2, 3), (3, 2, 1, 0))
 
 
 @pytest.fixture(scope='session')

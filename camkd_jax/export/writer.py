@@ -106,7 +106,7 @@ def _write_formats(rm, tmp: str, formats: List[str], onnx_input: str):
     path = os.path.join(tmp, TORCHSCRIPT_FILE)
     write_torchscript(rm, path)
     runs.atomic_write(os.path.join(tmp, WSINFER_CONFIG),
-                        lambda f: f.write(json.dumps(config, indent=2) + '\n'))
+                      lambda f: f.write(json.dumps(config, indent=2) + '\n'))
     parity['TorchScript (torch.jit.load + the config\'s transforms)'] = check_parity(
         'TorchScript', torchscript_probabilities(path, config, tiles), want, rm.path)
     files += [WSINFER_CONFIG, TORCHSCRIPT_FILE]
