@@ -362,19 +362,21 @@ def cells(args):
   return mags, methods, seeds
 
 
-def run_cell(config, workdir):
-  import logging as pylogging  # pylint: disable=g-import-not-at-top
+def cell_logging():
+  """The driver's per-epoch lines (metrics, ETA) are absl INFO logs: shows them outside absl.app,
+  without the INFO chatter of orbax, TFDS and JAX (the commands' filter, cli.quiet_library_record,
+  here on absl's logger: absl's handler is not installed outside absl.app). Idempotent."""
   from absl import logging  # pylint: disable=g-import-not-at-top
-  from camkd_jax import train  # pylint: disable=g-import-not-at-top
-  # The driver's per-epoch lines (metrics, ETA) are absl INFO logs; show them outside absl.app,
-  # without orbax's INFO chatter about its save threads.
+  from camkd_jax import cli  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.INFO)
   absl_logger = logging.get_absl_logger()
-  if not any(getattr(f, 'camkd', False) for f in absl_logger.filters):
-    quiet = lambda record: (record.levelno >= pylogging.WARNING or not any(
-        lib in record.pathname for lib in ('orbax', 'tensorflow_datasets')))
-    quiet.camkd = True
-    absl_logger.addFilter(quiet)
+  if cli.quiet_library_record not in absl_logger.filters:
+    absl_logger.addFilter(cli.quiet_library_record)
+
+
+def run_cell(config, workdir):
+  from camkd_jax import train  # pylint: disable=g-import-not-at-top
+  cell_logging()
   return train.run(config, workdir)
 
 
@@ -846,11 +848,14 @@ def plot_differences(stats, path):
     else:
       ax.plot(x + 0.25, t['mean'], 's', color='C3')
   ax.axhline(0.0, color='k', lw=0.8)
+  ax.set_xlim(-0.6, len(keys) - 0.4)
   ax.set_xticks(range(len(keys)))
-  ax.set_xticklabels([f'{METHOD_LABELS[m]}\n{g:g}x' for m, g in keys], fontsize=8)
+  ax.set_xticklabels([f'{METHOD_LABELS[m]}\n{g:g}x, n={len(stats[(m, g)]["diffs"])}'
+                      for m, g in keys], fontsize=8)
   split, metric = PAIRED_METRIC
   ax.set_ylabel(f'{split} {metric}: method - CE (same seed)')
-  ax.set_title('per-seed differences (dots), mean and 95 % CI (paired t)', fontsize=9)
+  ax.set_title('method - CE per seed (dots);\nmean and its 95 % CI, paired t (squares)',
+               fontsize=9)
   ax.grid(alpha=0.3, axis='y')
   fig.tight_layout()
   fig.savefig(path, dpi=120)

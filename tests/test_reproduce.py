@@ -385,3 +385,26 @@ def test_report_labels_come_from_the_grid_config():
   results = {('teacher', None, 22): {'wall_time_s': 1800.0}, ('ce', 2.5, 22): {'wall_time_s': 5400.0}}
   assert 'the 2 cells in this report took 2.0 h' in r.wall_text(results, 0.0)
   assert r.wall_text(results, 150.0).startswith('Wall time of this invocation: 2.5 min')
+
+
+def test_cell_logging_drops_library_info_and_keeps_the_driver_lines():
+  import logging as std_logging
+  from absl import logging
+  reproduce = _reproduce_module()
+  reproduce.cell_logging()
+  reproduce.cell_logging()  # idempotent: one filter
+  absl_logger = logging.get_absl_logger()
+  from camkd_jax import cli
+  assert absl_logger.filters.count(cli.quiet_library_record) == 1
+  assert logging.get_verbosity() == logging.INFO
+
+  def record(path, level):
+    return std_logging.LogRecord('absl', level, path, 1, 'msg', None, None)
+
+  orbax = os.path.join(os.sep, 'env', 'site-packages', 'orbax', 'checkpoint', 'x.py')
+  tfds = os.path.join(os.sep, 'env', 'site-packages', 'tensorflow_datasets', 'core', 'x.py')
+  driver = os.path.join(REPO, 'camkd_jax', 'stage.py')
+  assert not absl_logger.filter(record(orbax, std_logging.INFO))
+  assert not absl_logger.filter(record(tfds, std_logging.INFO))
+  assert absl_logger.filter(record(orbax, std_logging.WARNING))
+  assert absl_logger.filter(record(driver, std_logging.INFO))
