@@ -107,7 +107,7 @@ def test_fine_variant_is_deterministic_and_differs_from_default():
 
 
 @pytest.mark.parametrize('name,scale', [('fine', sh.FINE_SCALE), ('fine_35', 0.35),
-                                        ('fine_25', 0.25)])
+                                        ('fine_30', 0.3), ('fine_25', 0.25)])
 def test_fine_builder_examples_are_balanced_and_regenerable(tmp_path, name, scale):
   """A fine builder's examples (generated without preparing all 2,800): class counts follow
   the shares, and every PNG is the patch regenerated from its per-example seed at its scale."""
@@ -132,6 +132,9 @@ def test_fine_variant_moves_the_class_evidence_to_periods_of_a_few_pixels():
   default = sh.class_spectrum_share(*_class_images(1.0, 20), 0.25)
   fine = sh.class_spectrum_share(*_class_images(sh.FINE_SCALE, 20), 0.25)
   assert default < 0.25 and fine > 0.5, (default, fine)
+  # fine_30, the paired study's 2.5x task: about 0.45 (0.47 on the train split).
+  fine_30 = sh.class_spectrum_share(*_class_images(0.3, 20), 0.25)
+  assert fine_30 > 0.3, fine_30
   # The measure itself: a class difference put only at period 2 px sits entirely above 1/4.
   yy, xx = np.mgrid[:16, :16]
   checker = ((yy + xx) % 2).astype(float)[..., None].repeat(3, -1)
