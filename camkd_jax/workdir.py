@@ -52,6 +52,13 @@ def config_differences(old: Dict, new: Dict) -> List[str]:
           for k in keys if a.get(k, '<absent>') != b.get(k, '<absent>')]
 
 
+def extends(old: Dict, new: Dict) -> bool:
+  """True when `new` only asks for more student epochs than the run `old` (see the module doc)."""
+  diff = config_differences(old, new)
+  return (len(diff) == 1 and diff[0].startswith('num_epochs: ') and
+          int(new['num_epochs']) > int(old['num_epochs']))
+
+
 def trained_state(workdir: str) -> List[str]:
   """What in `workdir` (and its seed_*/ runs) holds training: checkpoint steps, finished model
   exports, metrics.json. Empty after a start that failed before its first checkpoint."""
@@ -93,7 +100,11 @@ def prepare_workdir(config, workdir: str):
   # Every process decides on the same file: none may delete or rewrite it before all read it.
   checkpoints.sync('camkd_jax_read_config')
   diff = config_differences(old, new) if old is not None else []
-  if diff:
+  if diff and extends(old, new):
+    logging.info('%s: continuing the run to %d student epochs (it was configured for %d); the '
+                 'student resumes from its latest checkpoint', workdir, int(new['num_epochs']),
+                 int(old['num_epochs']))
+  elif diff:
     state = trained_state(workdir)
     shown = '\n  '.join(diff[:12]) + ('\n  ...' if len(diff) > 12 else '')
     if not state:

@@ -475,6 +475,35 @@ def test_resume_after_sigint_and_sigterm_matches_uninterrupted_run(tmp_path, ref
     assert set(steps) == set(_tensorboard_steps(ref / 'tensorboard' / stage)), stage
 
 
+@pytest.mark.slow
+def test_finished_run_extended_to_more_epochs_matches_the_longer_run(tmp_path, reference_run,
+                                                                     e2e_env):
+  """A run finished at 1 student epoch, rerun with num_epochs=2: it continues from its last
+  checkpoint and ends bit-identical to the run configured for 2 epochs from the start (the
+  optimizer has no schedule); selection covers both epochs. (Fewer epochs are refused:
+  tests/test_workdir.py.)"""
+  ref, run = reference_run[0], tmp_path / 'extended'
+  args = [a for a in E2E_ARGS if not a.startswith('--config.num_epochs=')]
+  proc = run_cli(args + ['--config.num_epochs=1', '--workdir', str(run)], e2e_env)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  one = load_json(run / 'metrics.json')
+  assert len(one['student']['history']) == 1
+  proc = run_cli(args + ['--config.num_epochs=2', '--workdir', str(run)], e2e_env)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  assert 'continuing the run to 2 student epochs (it was configured for 1)' in proc.stderr
+  assert 'student: resumed from' in proc.stderr and 'teacher: loaded' in proc.stderr
+  assert load_json(run / 'config.json')['num_epochs'] == 2
+  a, b = load_json(ref / 'metrics.json'), load_json(run / 'metrics.json')
+  assert b['student']['history'][0] == one['student']['history'][0]
+  assert a['student']['history'] == b['student']['history']
+  for key in ('val', 'test', 'epoch'):
+    assert a['student'][key] == b['student'][key], key
+  pa, pb = _params(str(ref / 'student')), _params(str(run / 'student'))
+  assert pa.keys() == pb.keys() and len(pa) == 28
+  for k in pa:
+    np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
+
+
 def _tensorboard_steps(logdir):
   """[(tag, step)] of every scalar in `logdir`'s event files."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top

@@ -55,6 +55,26 @@ def test_config_differences_lists_changed_added_and_removed_keys():
       "b: '<absent>' -> 'x'", 'loss.at: 10.0 -> 5.0', "loss.fm: 0.1 -> '<absent>'"]
 
 
+def test_more_student_epochs_continue_the_run_and_fewer_are_refused(tmp_path, caplog):
+  workdir = str(tmp_path / 'run')
+  workdir_lib.prepare_workdir(smoke_config(num_epochs=2), workdir)
+  (tmp_path / 'run' / 'checkpoints' / 'student' / '16').mkdir(parents=True)
+  old = load_json(os.path.join(workdir, 'config.json'))
+  assert workdir_lib.extends(old, runs.config_dict(smoke_config(num_epochs=5)))
+  assert not workdir_lib.extends(old, runs.config_dict(smoke_config(num_epochs=1)))
+  assert not workdir_lib.extends(old, runs.config_dict(smoke_config(
+      num_epochs=5, **{'loss.at': 5.0})))
+  with caplog.at_level(logging.INFO):
+    workdir_lib.prepare_workdir(smoke_config(num_epochs=5), workdir)
+  assert 'continuing the run to 5 student epochs (it was configured for 2)' in caplog.text
+  assert load_json(os.path.join(workdir, 'config.json'))['num_epochs'] == 5
+  with pytest.raises(ValueError, match=r'num_epochs: 5 -> 3'):
+    workdir_lib.prepare_workdir(smoke_config(num_epochs=3), workdir)
+  with pytest.raises(ValueError, match=r'teacher.num_epochs'):
+    workdir_lib.prepare_workdir(smoke_config(num_epochs=6, **{'teacher.num_epochs': 9}), workdir)
+  assert (tmp_path / 'run' / 'checkpoints' / 'student' / '16').is_dir()
+
+
 def test_workdir_of_an_older_config_with_a_retired_key_resumes(tmp_path):
   """config.json written before a key was removed (shuffle_buffer) still matches."""
   workdir = str(tmp_path / 'run')
