@@ -255,13 +255,36 @@ def method_config(method, arg, seed, overrides):
   return apply_overrides(config, method_overrides(overrides, weights))
 
 
-def finished(workdir, key):
+def finished(workdir, key, config=None):
+  """The metrics.json of the finished run in `workdir` (None if there is none). With `config`:
+  None too when the run's config.json differs from it in a key that changes results (e.g. a
+  sweep rerun with --set=num_epochs=16 over the workdirs of an 8-epoch sweep): such a cell runs
+  again, and the workdir then continues the run (more epochs) or refuses the other config."""
   path = os.path.join(workdir, runs.METRICS)
   if not os.path.exists(path):
     return None
   with open(path) as f:
     out = json.load(f)
-  return out if key in out else None
+  if key not in out:
+    return None
+  if config is not None and os.path.isfile(os.path.join(workdir, runs.CONFIG_FILE)):
+    from camkd_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+    diff = workdir_lib.config_differences(runs.read_config(workdir), runs.config_dict(config))
+    if diff:
+      print(f'  note: {path} was written by another config ({"; ".join(diff[:3])}); the cell '
+            'runs again', flush=True)
+      return None
+  return out
+
+
+def cell_config(args, cell, teacher_wd):
+  """The config a cell runs with; a student's teacher is the export in `teacher_wd`."""
+  method, mag, seed = cell
+  if method == 'teacher':
+    return teacher_config(args, seed)
+  config = method_config(method, config_arg(args, mag), seed, args.set)
+  config.teacher.checkpoint = os.path.join(teacher_wd, 'teacher')
+  return config
 
 
 # The settings that must agree between a store's records and the sweep that reads or adds to it.
@@ -395,13 +418,15 @@ def sweep(args):
   # A cell is done when its workdir or the store holds its metrics. A teacher is also trained
   # when it is only in the store but one of its students still has to be trained (they need its
   # checkpoint). Every worker computes the same plan.
-  local = [finished(wd, key) for wd, key in dirs]  # metrics.json in the workdir (or None)
+  teacher_index = {seed: todo.index(('teacher', None, seed)) for seed in seeds}
+  configs = [cell_config(args, cell, dirs[teacher_index[cell[2]]][0]) for cell in todo]
+  # metrics.json in the workdir, of this sweep's config (or None)
+  local = [finished(wd, key, c) for (wd, key), c in zip(dirs, configs)]
   done = [out or stored(args, wd, key) for out, (wd, key) in zip(local, dirs)]
   students_left = {seed for (method, _, seed), out in zip(todo, done)
                    if method != 'teacher' and out is None}
   train = [out is None or (method == 'teacher' and seed in students_left and local[i] is None)
            for i, ((method, _, seed), out) in enumerate(zip(todo, done))]
-  teacher_index = {seed: todo.index(('teacher', None, seed)) for seed in seeds}
 
   def record(i):
     if args.store and local[i] is not None:
@@ -430,16 +455,13 @@ def sweep(args):
       again = ' (again: its students need the checkpoint)' if out is not None else ''
       print(f'[{tag} {i + 1}/{len(todo)}] {method} m={mag} seed={seed} -> {wd}{again} '
             f'(ETA {reporting.format_duration(eta)})', flush=True)
-      if method == 'teacher':
-        config = teacher_config(args, seed)
-      else:
+      if method != 'teacher':
         t = teacher_index[seed]
         teacher_wd = dirs[t][0]
         wait_for_teacher(teacher_wd, args.teacher_wait_s)
-        local[t] = finished(teacher_wd, 'teacher')  # perhaps trained by another worker meanwhile
-        config = method_config(method, config_arg(args, mag), seed, args.set)
-        config.teacher.checkpoint = os.path.join(teacher_wd, 'teacher')
-      new = local[i] = run_cell(config, wd)
+        # perhaps trained by another worker meanwhile
+        local[t] = finished(teacher_wd, 'teacher', configs[t])
+      new = local[i] = run_cell(configs[i], wd)
       if out is not None and kappas(out[key]) != kappas(new[key]):
         print(f'  note: retrained {method} seed={seed} differs from its stored record: '
               f'{kappas(new[key])} now, {kappas(out[key])} recorded (the record is kept; its '

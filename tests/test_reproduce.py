@@ -278,6 +278,33 @@ def test_methods_of_a_seed_differ_only_in_their_loss():
   assert r.cell_dir(args, ('fm_at', 1.25, 22)) == os.path.join('/w', 'fm_at_m1.25_s22')
 
 
+def test_a_cell_of_another_config_is_not_finished(tmp_path, capsys):
+  """A workdir's metrics.json counts only for the config that wrote it: a sweep rerun with more
+  epochs over the same workdirs runs its cells again (they continue), instead of taking the
+  shorter runs' metrics as its own."""
+  from camkd_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from camkd_jax import runs  # pylint: disable=g-import-not-at-top
+  r = _reproduce_module()
+  args8 = r.parse_args(['--protocol=paper', '--set=num_epochs=8', f'--workdir={tmp_path}'])
+  args16 = r.parse_args(['--protocol=paper', '--set=num_epochs=16', f'--workdir={tmp_path}'])
+  cell = ('at', 2.5, 22)
+  wd, teacher_wd = r.cell_dir(args8, cell), r.cell_dir(args8, ('teacher', None, 22))
+  os.makedirs(wd)
+  checkpoints.write_json(os.path.join(wd, 'config.json'),
+                         runs.config_dict(r.cell_config(args8, cell, teacher_wd)), barrier=False)
+  checkpoints.write_json(os.path.join(wd, 'metrics.json'), {'student': {'epoch': 8}},
+                         barrier=False)
+  assert r.finished(wd, 'student') == {'student': {'epoch': 8}}
+  assert r.finished(wd, 'student', r.cell_config(args8, cell, teacher_wd))['student']['epoch'] == 8
+  assert r.finished(wd, 'teacher', r.cell_config(args8, cell, teacher_wd)) is None
+  capsys.readouterr()
+  assert r.finished(wd, 'student', r.cell_config(args16, cell, teacher_wd)) is None
+  assert 'was written by another config (num_epochs: 8 -> 16); the cell runs again' in (
+      capsys.readouterr().out)
+  # Another teacher path is another config too (the student was distilled from another file).
+  assert r.finished(wd, 'student', r.cell_config(args8, cell, str(tmp_path / 'elsewhere'))) is None
+
+
 def _history(vals):
   return [{'epoch': e + 1, 'step': 10 * (e + 1), 'train': {}, 'val': {'kappa': v},
            'test': {'kappa': v / 2}} for e, v in enumerate(vals)]
