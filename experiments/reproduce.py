@@ -111,8 +111,9 @@ def parse_args(argv=None):
   p.add_argument('--paired', action='store_true',
                  help='add the paired report: per-seed rows, differences method - CE within a '
                       'seed (mean, 95%% CI by bootstrap over seeds and by paired t, wins, share '
-                      'of the teacher - CE gap closed), validation kappa per epoch, and a plot '
-                      'of the per-seed differences (<out>_differences.png)')
+                      'of the teacher - CE gap closed), validation kappa per epoch, and plots of '
+                      'the per-seed differences (<out>_differences.png) and of the validation '
+                      'curves (<out>_curves.png)')
   p.add_argument('--select_epochs', type=int, default=0, metavar='N',
                  help='report every student as if it had been trained N epochs: the epoch '
                       'selected on validation among its first N (the same rule). Exact because '
@@ -884,6 +885,45 @@ def plot_differences(stats, path):
   plt.close(fig)
 
 
+def plot_curves(results, mags, methods, seeds, path):
+  """Validation kappa after every epoch of every student, one panel per magnification: a line
+  per (method, seed) in the method's colour, a dot at the selected epoch, the seeds' teachers as
+  dashed lines. Returns the number of student curves drawn."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, len(mags), figsize=(5.2 * len(mags), 3.8), squeeze=False)
+  drawn = 0
+  for ax, mag in zip(axes[0], mags):
+    teachers = {s: results[('teacher', None, s)]['teacher']['val']['kappa'] for s in seeds
+                if ('teacher', None, s) in results and any((m, mag, s) in results
+                                                           for m in methods)}
+    for k, v in enumerate(sorted(set(teachers.values()))):
+      ax.axhline(v, color='0.5', lw=0.8, ls='--', label='teacher (per seed)' if k == 0 else None)
+    for i, m in enumerate(methods):
+      first = True
+      for s in seeds:
+        r = results.get((m, mag, s))
+        h = (r or {}).get('student', {}).get('history') or []
+        if not h:
+          continue
+        x = [e['epoch'] for e in h]
+        y = [e['val']['kappa'] for e in h]
+        ax.plot(x, y, color=f'C{i}', lw=1.2, alpha=0.8, label=METHOD_LABELS[m] if first else None)
+        sel = r['student']['epoch']
+        ax.plot([sel], [y[x.index(sel)]], 'o', color=f'C{i}', ms=5)
+        first, drawn = False, drawn + 1
+    ax.set_xlabel('epoch')
+    ax.set_ylabel('validation kappa')
+    ax.set_title(f'{mag:g}x: one line per seed, dot = selected epoch', fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc='lower right')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return drawn
+
+
 def completeness(results, mags, methods, seeds):
   """'' when every cell of the grid is finished, else a PARTIAL line naming what is missing."""
   grid = [c for s in seeds
@@ -966,6 +1006,9 @@ def main(argv=None):
       diff_path = os.path.splitext(args.out)[0] + '_differences.png'
       plot_differences(stats, diff_path)
       text += f'\n![per-seed differences to CE]({os.path.basename(diff_path)})\n'
+    curves_path = os.path.splitext(args.out)[0] + '_curves.png'
+    if plot_curves(results, mags, methods, seeds, curves_path):
+      text += f'\n![validation kappa after every epoch]({os.path.basename(curves_path)})\n'
   if args.notes and os.path.exists(args.notes):
     with open(args.notes) as f:
       text += '\n' + f.read()

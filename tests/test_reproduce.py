@@ -385,8 +385,21 @@ def test_paired_report_from_the_committed_records(tmp_path):
   assert '| 32 | 1.000 | 0.718 (e2) | 0.896 (e2) | +0.178 |' in text
   assert 'The selected epoch is the last one for 6 of 6 students.' in text
   assert 'PARTIAL' not in text
-  with open(tmp_path / 'R_differences.png', 'rb') as f:
-    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  for png in ('R_differences.png', 'R_curves.png'):
+    with open(tmp_path / png, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n', png
+  assert '![validation kappa after every epoch](R_curves.png)' in text
+
+
+def test_curves_plot_draws_one_line_per_student(tmp_path):
+  r = _reproduce_module()
+  student = lambda vals, sel: {'student': {'epoch': sel, 'history': _history(vals)}}
+  results = {('teacher', None, 1): {'teacher': {'val': {'kappa': 0.98}}},
+             ('ce', 2.5, 1): student([0.5, 0.7, 0.6], 2), ('at', 2.5, 1): student([0.6, 0.8], 2),
+             ('ce', 2.5, 2): student([0.4, 0.45], 1), ('ce', 1.25, 1): student([0.3], 1)}
+  path = tmp_path / 'c.png'
+  assert r.plot_curves(results, [2.5, 1.25], ['ce', 'at'], [1, 2], str(path)) == 4
+  assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 def test_completeness_names_a_partial_grid():
