@@ -483,7 +483,9 @@ def test_finished_run_extended_to_more_epochs_matches_the_longer_run(tmp_path, r
   optimizer has no schedule); selection covers both epochs. (Fewer epochs are refused:
   tests/test_workdir.py.)"""
   ref, run = reference_run[0], tmp_path / 'extended'
-  args = [a for a in E2E_ARGS if not a.startswith('--config.num_epochs=')]
+  # The reference run's teacher (the same parameters it would train again): only students train.
+  args = [a for a in E2E_ARGS if not a.startswith('--config.num_epochs=')] + [
+      f'--config.teacher.checkpoint={ref / "teacher"}']
   proc = run_cli(args + ['--config.num_epochs=1', '--workdir', str(run)], e2e_env)
   assert proc.returncode == 0, proc.stderr[-5000:]
   one = load_json(run / 'metrics.json')
