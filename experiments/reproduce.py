@@ -1019,5 +1019,20 @@ def main(argv=None):
   return table
 
 
+def cli_main(argv=None):
+  """The command line: main() with Ctrl-C / SIGTERM stopping the cell in flight at a step boundary,
+  checkpointed, and one `error:` line (exit 130 / 143) naming the step a rerun of the same command
+  resumes from; a refused workdir or bad data also end in one line (exit 2). The parent of
+  --workers only waits: its workers (same process group) take the signal and stop that way."""
+  from camkd_jax import cli  # pylint: disable=g-import-not-at-top
+  from camkd_jax import interrupts  # pylint: disable=g-import-not-at-top
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = parse_args(argv)
+  if args.workers <= 1 or args.worker or args.report_only:
+    interrupts.install()
+  with cli.user_errors(cli.USER_ERRORS):
+    return main(argv)
+
+
 if __name__ == '__main__':
-  main()
+  cli_main()

@@ -305,6 +305,38 @@ def test_a_cell_of_another_config_is_not_finished(tmp_path, capsys):
   assert r.finished(wd, 'student', r.cell_config(args8, cell, str(tmp_path / 'elsewhere'))) is None
 
 
+def test_an_interrupted_cell_ends_the_sweep_in_one_line(tmp_path, monkeypatch, capsys):
+  """The command line turns the training loop's Interrupted (Ctrl-C / SIGTERM, checkpointed) into
+  one `error:` line with the signal's exit code, and installs the handlers that raise it."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from camkd_jax import errors  # pylint: disable=g-import-not-at-top
+  from camkd_jax import interrupts  # pylint: disable=g-import-not-at-top
+  r = _reproduce_module()
+  seen = {}
+
+  def interrupted(config, workdir):
+    seen['handler'] = signal.getsignal(signal.SIGINT)
+    raise errors.Interrupted('interrupted at step 7; rerun the same command to resume from step '
+                             '7 (student stage, SIGINT)', signal.SIGINT)
+  monkeypatch.setattr(r, 'run_cell', interrupted)
+  saved = {s: signal.getsignal(s) for s in interrupts.SIGNALS}
+  hook = sys.unraisablehook
+  try:
+    with pytest.raises(SystemExit) as e:
+      r.cli_main(['--protocol=paper', '--methods=ce', '--magnifications=2.5', '--seeds=22',
+                  f'--workdir={tmp_path}', f'--out={tmp_path / "R.md"}'])
+  finally:
+    for s, h in saved.items():
+      signal.signal(s, h)
+    sys.unraisablehook = hook
+    interrupts.reset()
+  assert e.value.code == 130
+  assert seen['handler'] is interrupts._handler  # pylint: disable=protected-access
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1] == ('error: interrupted at step 7; rerun the same command to resume from step 7 '
+                     '(student stage, SIGINT)')
+
+
 def _history(vals):
   return [{'epoch': e + 1, 'step': 10 * (e + 1), 'train': {}, 'val': {'kappa': v},
            'test': {'kappa': v / 2}} for e, v in enumerate(vals)]
