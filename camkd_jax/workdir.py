@@ -54,9 +54,8 @@ def config_differences(old: Dict, new: Dict) -> List[str]:
 
 def extends(old: Dict, new: Dict) -> bool:
   """True when `new` only asks for more student epochs than the run `old` (see the module doc)."""
-  diff = config_differences(old, new)
-  return (len(diff) == 1 and diff[0].startswith('num_epochs: ') and
-          int(new['num_epochs']) > int(old['num_epochs']))
+  return (int(new['num_epochs']) > int(old['num_epochs']) and
+          not config_differences(old, {**new, 'num_epochs': old['num_epochs']}))
 
 
 def trained_state(workdir: str) -> List[str]:

@@ -895,10 +895,10 @@ def plot_curves(results, mags, methods, seeds, path):
   fig, axes = plt.subplots(1, len(mags), figsize=(5.2 * len(mags), 3.8), squeeze=False)
   drawn = 0
   for ax, mag in zip(axes[0], mags):
-    teachers = {s: results[('teacher', None, s)]['teacher']['val']['kappa'] for s in seeds
+    teachers = {results[('teacher', None, s)]['teacher']['val']['kappa'] for s in seeds
                 if ('teacher', None, s) in results and any((m, mag, s) in results
                                                            for m in methods)}
-    for k, v in enumerate(sorted(set(teachers.values()))):
+    for k, v in enumerate(sorted(teachers)):
       ax.axhline(v, color='0.5', lw=0.8, ls='--', label='teacher (per seed)' if k == 0 else None)
     for i, m in enumerate(methods):
       first = True
