@@ -5,7 +5,7 @@ Stage checkpoints (`StageCheckpoints`): one orbax step directory holds, atomical
             bad_step, bad_terms),
   best      the parameters of the best epoch so far (by validation metric),
   progress  JSON: epoch history, the best epoch's metrics, the running loss sums of the current
-            epoch and the config fingerprint.
+            epoch and the stage's seconds so far (train_wall_time_s).
 Keeping the best parameters inside the same step as the latest state means a kill can never leave
 "best" and "latest" out of step with each other.
 

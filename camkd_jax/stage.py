@@ -185,7 +185,8 @@ class ProgressLog:
 
 class Selection:
   """The stage's checkpoints and the best epoch so far: each orbax step holds the train state,
-  the best epoch's parameters and the progress (history, best, running loss sums)."""
+  the best epoch's parameters and the progress (history, best, running loss sums, the
+  stage's seconds so far)."""
 
   def __init__(self, stage: Stage):
     self.name, self.config = stage.name, stage.config
@@ -193,7 +194,9 @@ class Selection:
                                                           stage.name))
     self.saved = self.ckpt.latest_step()  # the latest checkpointed step (None: none yet)
     self.best_params = None
-    self.progress = {'history': [], 'best': None, 'epoch_losses': None}
+    # train_wall_time_s: seconds spent in this stage over every invocation (resumes and
+    # continuations included), as of the last checkpoint
+    self.progress = {'history': [], 'best': None, 'epoch_losses': None, 'train_wall_time_s': 0.0}
 
   def restore_or_init(self, state):
     """The train state of the latest checkpoint (with its best params and progress), or the
@@ -218,9 +221,10 @@ class Selection:
       self.progress['best'] = {'value': value, **entry}
     return new_best
 
-  def save(self, step: int, state, epoch_losses: metrics_lib.LossMeans):
-    """Checkpoint of `step` with the running loss sums of its epoch."""
+  def save(self, step: int, state, epoch_losses: metrics_lib.LossMeans, seconds: float):
+    """Checkpoint of `step` with the running loss sums of its epoch and the stage's time."""
     self.progress['epoch_losses'] = epoch_losses.state()
+    self.progress['train_wall_time_s'] = seconds
     self.ckpt.save(step, state, self.best_params, self.progress)
     self.saved = step
 
@@ -228,7 +232,8 @@ class Selection:
     best = self.progress['best']
     history = [{k: v for k, v in h.items()} for h in self.progress['history']]
     return {'val': best['val'], 'test': best['test'], 'epoch': best['epoch'],
-            'step': best['step'], 'train': best['train'], 'history': history}
+            'step': best['step'], 'train': best['train'], 'history': history,
+            'train_wall_time_s': self.progress.get('train_wall_time_s')}
 
   def close(self):
     self.ckpt.close()
@@ -254,6 +259,8 @@ class StageRunner:
     interrupts.progress(stage.name, saved or 0, saved)
     self.state = self.selection.restore_or_init(
         init_state(stage, self.tx, data.image_size, mesh))
+    # the stage's time so far (a checkpoint from before this field counts from here)
+    self.clock = (time.time(), float(self.selection.progress.get('train_wall_time_s') or 0.0))
     self.epoch_losses = metrics_lib.LossMeans.from_state(
         self.selection.progress.get('epoch_losses'))
     self.log = ProgressLog(stage, data, self.total, self.num_epochs,
@@ -330,7 +337,8 @@ class StageRunner:
   def save(self, step: int):
     """Checkpoint of `step` (never of a state past a non-finite step)."""
     self.fetch(step)
-    self.selection.save(step, self.state, self.epoch_losses)
+    start, before = self.clock
+    self.selection.save(step, self.state, self.epoch_losses, before + time.time() - start)
     interrupts.progress(self.stage.name, step, step)
     self.log.flush()
 

@@ -612,13 +612,27 @@ def study_labels(args):
   return f'{float(config.base_magnification):g}x', selection
 
 
+def cell_seconds(cell, out):
+  """(seconds, whole) a cell took: its stage's train_wall_time_s (every run of the cell, resumed
+  and continued ones included; whole=True) or, in records without it, the wall_time_s of the
+  cell's last run (whole=False). (None, False) when neither is recorded."""
+  stage = out.get('teacher' if cell[0] == 'teacher' else 'student')
+  seconds = stage.get('train_wall_time_s') if isinstance(stage, dict) else None
+  if seconds:
+    return float(seconds), True
+  return out.get('wall_time_s') or None, False
+
+
 def wall_text(results, wall):
   """The sweep's cost: cells trained in this invocation, and the recorded cells' own times."""
-  times = [out['wall_time_s'] for out in results.values()
-           if isinstance(out, dict) and out.get('wall_time_s')]
-  recorded = (f'the {len(times)} cells in this report took {sum(times) / 3600:.1f} h of '
-              f'training in all (their records\' wall_time_s)' if times else
-              'no cell here records its training time')
+  times = [cell_seconds(cell, out) for cell, out in results.items() if isinstance(out, dict)]
+  times = [t for t in times if t[0]]
+  last_only = sum(not whole for _, whole in times)
+  recorded = (f'the {len(times)} cells in this report took {sum(t for t, _ in times) / 3600:.1f} h '
+              'of training in all (their records\' train_wall_time_s, every run of a cell' +
+              (f'; {last_only} older record(s) hold only the wall_time_s of their last run, so '
+               'a resumed or continued one counts short)' if last_only else ')')
+              if times else 'no cell here records its training time')
   if wall >= 60:
     return f'Wall time of this invocation: {wall / 60:.1f} min; {recorded}.'
   return f'No cell was trained by this invocation (all came from records); {recorded}.'

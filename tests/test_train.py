@@ -490,6 +490,14 @@ def test_finished_run_extended_to_more_epochs_matches_the_longer_run(tmp_path, r
   assert proc.returncode == 0, proc.stderr[-5000:]
   one = load_json(run / 'metrics.json')
   assert len(one['student']['history']) == 1
+  assert 0 < one['student']['train_wall_time_s'] <= one['wall_time_s']
+  # The stage's time travels in the checkpoint: mark the one the continuation resumes from.
+  ckpt = run / 'checkpoints' / 'student'
+  last = max(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+  progress = ckpt / str(last) / 'progress' / 'metadata'
+  saved = load_json(progress)
+  assert saved['train_wall_time_s'] == one['student']['train_wall_time_s']
+  progress.write_text(json.dumps(dict(saved, train_wall_time_s=1e6)))
   proc = run_cli(args + ['--config.num_epochs=2', '--workdir', str(run)], e2e_env)
   assert proc.returncode == 0, proc.stderr[-5000:]
   assert 'continuing the run to 2 student epochs (it was configured for 1)' in proc.stderr
@@ -500,6 +508,8 @@ def test_finished_run_extended_to_more_epochs_matches_the_longer_run(tmp_path, r
   assert a['student']['history'] == b['student']['history']
   for key in ('val', 'test', 'epoch'):
     assert a['student'][key] == b['student'][key], key
+  # the continued run's stage time = the time before (from its checkpoint) + this invocation's
+  assert 1e6 < b['student']['train_wall_time_s'] <= 1e6 + b['wall_time_s']
   pa, pb = _params(str(ref / 'student')), _params(str(run / 'student'))
   assert pa.keys() == pb.keys() and len(pa) == 28
   for k in pa:
