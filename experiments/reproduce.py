@@ -628,11 +628,18 @@ def wall_text(results, wall):
   times = [cell_seconds(cell, out) for cell, out in results.items() if isinstance(out, dict)]
   times = [t for t in times if t[0]]
   last_only = sum(not whole for _, whole in times)
+  if not last_only:
+    source = 'their records\' train_wall_time_s: every run of a cell'
+  elif last_only == len(times):
+    source = ('their records\' wall_time_s: the last run of each cell, so a resumed or '
+              'continued cell counts short')
+  else:
+    source = (f'train_wall_time_s where recorded: every run of a cell; {last_only} older '
+              'record(s) hold only the wall_time_s of their last run, so a resumed or continued '
+              'one counts short')
   recorded = (f'the {len(times)} cells in this report took {sum(t for t, _ in times) / 3600:.1f} h '
-              'of training in all (their records\' train_wall_time_s, every run of a cell' +
-              (f'; {last_only} older record(s) hold only the wall_time_s of their last run, so '
-               'a resumed or continued one counts short)' if last_only else ')')
-              if times else 'no cell here records its training time')
+              f'of training in all ({source})' if times else
+              'no cell here records its training time')
   if wall >= 60:
     return f'Wall time of this invocation: {wall / 60:.1f} min; {recorded}.'
   return f'No cell was trained by this invocation (all came from records); {recorded}.'
