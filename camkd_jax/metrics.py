@@ -144,6 +144,20 @@ def gap_closed(method: Sequence[float], baseline: Sequence[float],
   return float((m - b).mean()) / gap if gap > 0 else float('nan')
 
 
+def seeds_for_half_width(std: float, half_width: float, level: float = 0.95,
+                         max_seeds: int = 1000) -> float:
+  """The fewest seeds n (>= 2) whose paired-t interval, t_{n-1} * std / sqrt(n), is at most
+  `half_width` for a per-seed spread `std` (the planning rule for the seed count). nan when std
+  is unknown (nan: fewer than two seeds) or when even `max_seeds` is not enough."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  if not np.isfinite(std):
+    return float('nan')
+  for n in range(2, int(max_seeds) + 1):
+    if float(stats.t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n) <= half_width:
+      return n
+  return float('nan')
+
+
 def summarize(runs: Sequence[Mapping], keys=('balanced_accuracy', 'kappa', 'accuracy')):
   """Per split: {key_mean, key_std} (sample std) over runs, each {'val': {...}, 'test': {...}}."""
   out = {}

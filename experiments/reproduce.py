@@ -768,6 +768,9 @@ def paired_table(results, fingerprints, mags, methods, seeds):
   return pairs, mismatched
 
 
+TARGET_HALF_WIDTH = 0.03  # the 95 % CI half-width the study plans its seed count for
+
+
 def difference_stats(rows, resamples=10000, seed=0):
   """The summary of one method's per-seed differences method - CE."""
   d = np.subtract(rows['method'], rows['baseline'])
@@ -777,7 +780,8 @@ def difference_stats(rows, resamples=10000, seed=0):
           'wins': metrics_lib.wins(d),
           'gap_closed': metrics_lib.gap_closed(rows['method'], rows['baseline'], rows['teacher']),
           'baseline_mean': float(np.mean(rows['baseline'])),
-          'teacher_mean': float(np.mean(rows['teacher']))}
+          'teacher_mean': float(np.mean(rows['teacher'])),
+          'seeds_for_target': metrics_lib.seeds_for_half_width(t['std'], TARGET_HALF_WIDTH)}
 
 
 def _signed(x):
@@ -793,7 +797,10 @@ def paired_markdown(results, fingerprints, mags, methods, seeds):
          'checked) with the same data order and augmentation stream, so the difference within a '
          'seed cancels the teacher and the data. CI: 95 % percentile bootstrap over seeds '
          '(10,000 resamples, generator seed 0) and paired t (t distribution with n - 1 degrees '
-         'of freedom). Share of the gap closed: mean(method - CE) / mean(teacher - CE).\n']
+         'of freedom). Share of the gap closed: mean(method - CE) / mean(teacher - CE). sd: the '
+         'sample std of the per-seed differences; seeds for +-0.03: the fewest seeds whose '
+         'paired-t half-width, t_{n-1} sd / sqrt(n), is at most 0.03 at that sd (the planning '
+         'rule for the seed count; the sd of a few seeds is itself uncertain).\n']
   if mismatched:
     out.append('Left out (distilled from another teacher than CE of the same seed): '
                + ', '.join(f'{METHOD_LABELS[m]} {g:g}x seed {s}' for m, g, s in mismatched)
@@ -808,11 +815,15 @@ def paired_markdown(results, fingerprints, mags, methods, seeds):
                  'n/a' if not np.isfinite(t['p']) else f'{t["p"]:.3f}',
                  f'{w["wins"]} / {st["n"]}', f'{st["baseline_mean"]:.3f}',
                  f'{st["teacher_mean"]:.3f}',
-                 'n/a' if not np.isfinite(st['gap_closed']) else f'{100 * st["gap_closed"]:.0f} %'])
+                 'n/a' if not np.isfinite(st['gap_closed']) else f'{100 * st["gap_closed"]:.0f} %',
+                 'n/a' if not np.isfinite(t['std']) else f'{t["std"]:.3f}',
+                 'n/a' if not np.isfinite(st['seeds_for_target'])
+                 else str(int(st['seeds_for_target']))])
   if rows:
     out.append(reporting.markdown_table(rows, [
         'difference', 'magnification', 'seeds', 'mean', '95 % CI (bootstrap)', '95 % CI (t)',
-        'p (t)', 'wins', 'CE mean', 'teacher mean', 'gap closed']))
+        'p (t)', 'wins', 'CE mean', 'teacher mean', 'gap closed', 'sd',
+        f'seeds for +-{TARGET_HALF_WIDTH:g}']))
   else:
     out.append('No seed has both CE and another method finished yet.\n')
   # Per-seed rows: every method's value and selected epoch, the differences.

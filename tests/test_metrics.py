@@ -188,3 +188,16 @@ def test_wins_and_gap_closed():
   # -> 0.075 / 0.25 = 30 %.
   assert metrics.gap_closed([0.8, 0.85], [0.7, 0.8], [1.0, 1.0]) == pytest.approx(0.3)
   assert np.isnan(metrics.gap_closed([0.8], [1.0], [1.0]))
+
+
+def test_seeds_for_half_width_against_a_t_table():
+  """t_{0.975, n-1} from a printed table: 4.303 (2 df), 3.182 (3), 2.776 (4)."""
+  # std 0.012: n=3 gives 4.303 * 0.012 / sqrt(3) = 0.0298 <= 0.03, n=2 (12.71 * 0.012 / 1.414) not
+  assert metrics.seeds_for_half_width(0.012, 0.03) == 3
+  # std 0.0125: n=3 gives 0.0311 > 0.03, n=4 gives 3.182 * 0.0125 / 2 = 0.0199
+  assert metrics.seeds_for_half_width(0.0125, 0.03) == 4
+  # std 0.02: n=4 gives 0.0318 > 0.03, n=5 gives 2.776 * 0.02 / sqrt(5) = 0.0248
+  assert metrics.seeds_for_half_width(0.02, 0.03) == 5
+  assert metrics.seeds_for_half_width(0.0, 0.03) == 2
+  assert np.isnan(metrics.seeds_for_half_width(float('nan'), 0.03))
+  assert np.isnan(metrics.seeds_for_half_width(1.0, 0.03, max_seeds=50))

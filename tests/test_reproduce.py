@@ -414,6 +414,9 @@ def test_paired_report_from_the_committed_records(tmp_path):
   assert cells[2] == '3' and cells[3] == f'{np.mean(np.subtract(at, ce)):+.3f}'
   assert cells[5] == f'[{ci.low:+.3f}, {ci.high:+.3f}]' and cells[6] == f'{ref.pvalue:.3f}'
   assert cells[7] == f'{int(np.sum(np.subtract(at, ce) > 0))} / 3'
+  sd = np.std(np.subtract(at, ce), ddof=1)
+  need = next(n for n in range(2, 1000) if stats.t.ppf(0.975, n - 1) * sd / n ** 0.5 <= 0.03)
+  assert cells[11] == f'{sd:.3f}' and cells[12] == str(need) and 40 < need < 60, cells
   assert '| 32 | 1.000 | 0.718 (e2) | 0.896 (e2) | +0.178 |' in text
   assert 'The selected epoch is the last one for 6 of 6 students.' in text
   assert 'PARTIAL' not in text
