@@ -920,7 +920,7 @@ def plot_differences(stats, path):
 def plot_curves(results, mags, methods, seeds, path):
   """Validation kappa after every epoch of every student, one panel per magnification: a line
   per (method, seed) in the method's colour, a dot at the selected epoch, the seeds' teachers as
-  dashed lines. Returns the number of student curves drawn."""
+  dashed lines. Returns the number of student curves drawn; writes `path` only if any."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -951,7 +951,8 @@ def plot_curves(results, mags, methods, seeds, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc='lower right')
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  if drawn:  # no student yet: no file (the report links the plot only when there is one)
+    fig.savefig(path, dpi=120)
   plt.close(fig)
   return drawn
 

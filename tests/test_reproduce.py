@@ -435,6 +435,10 @@ def test_curves_plot_draws_one_line_per_student(tmp_path):
   path = tmp_path / 'c.png'
   assert r.plot_curves(results, [2.5, 1.25], ['ce', 'at'], [1, 2], str(path)) == 4
   assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  teacher_only = tmp_path / 'none.png'  # no student yet: no curve, no file
+  assert r.plot_curves({('teacher', None, 1): results[('teacher', None, 1)]}, [2.5], ['ce'], [1],
+                       str(teacher_only)) == 0
+  assert not teacher_only.exists()
 
 
 def test_completeness_names_a_partial_grid():
