@@ -949,7 +949,8 @@ def plot_curves(results, mags, methods, seeds, path):
     ax.set_ylabel('validation kappa')
     ax.set_title(f'{mag:g}x: one line per seed, dot = selected epoch', fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc='lower right')
+    if ax.get_legend_handles_labels()[0]:  # a panel without students has nothing to name
+      ax.legend(fontsize=8, loc='lower right')
   fig.tight_layout()
   if drawn:  # no student yet: no file (the report links the plot only when there is one)
     fig.savefig(path, dpi=120)
