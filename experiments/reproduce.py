@@ -372,6 +372,11 @@ def cell_dir(args, cell):
   return os.path.join(args.workdir, name)
 
 
+def cell_key(cell):
+  """The cell's own report in its metrics.json: 'teacher' for a teacher cell, else 'student'."""
+  return 'teacher' if cell[0] == 'teacher' else 'student'
+
+
 def kappas(report):
   return {split: report[split]['kappa'] for split in SPLITS}
 
@@ -414,8 +419,7 @@ def sweep(args):
           for cell in [('teacher', None, s)] + [(m, g, s) for g in mags for m in methods]]
   k, n = worker_share(args.worker)
   tag = f'study w{k}' if n > 1 else 'study'
-  dirs = [(cell_dir(args, cell), 'teacher' if cell[0] == 'teacher' else 'student')
-          for cell in todo]
+  dirs = [(cell_dir(args, cell), cell_key(cell)) for cell in todo]
   # A cell is done when its workdir or the store holds its metrics. A teacher is also trained
   # when it is only in the store but one of its students still has to be trained (they need its
   # checkpoint). Every worker computes the same plan.
@@ -591,9 +595,8 @@ def _mean_std_n(values):
 def aggregate(results):
   """{(method, mag): {split: {metric: (mean, std, n)}}}, teacher under ('teacher', None)."""
   groups = {}
-  for (method, mag, _), out in results.items():
-    key = 'teacher' if method == 'teacher' else 'student'
-    groups.setdefault((method, mag), []).append(out[key])
+  for cell, out in results.items():
+    groups.setdefault(cell[:2], []).append(out[cell_key(cell)])
   table = {}
   for group, reports in groups.items():
     table[group] = {split: {m: _mean_std_n([r[split][m] for r in reports]) for m in METRICS}
@@ -616,7 +619,7 @@ def cell_seconds(cell, out):
   """(seconds, whole) a cell took: its stage's train_wall_time_s (every run of the cell, resumed
   and continued ones included; whole=True) or, in records without it, the wall_time_s of the
   cell's last run (whole=False). (None, False) when neither is recorded."""
-  stage = out.get('teacher' if cell[0] == 'teacher' else 'student')
+  stage = out.get(cell_key(cell))
   seconds = stage.get('train_wall_time_s') if isinstance(stage, dict) else None
   if seconds:
     return float(seconds), True
