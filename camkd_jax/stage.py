@@ -197,6 +197,7 @@ class Selection:
     # train_wall_time_s: seconds spent in this stage over every invocation (resumes and
     # continuations included), as of the last checkpoint
     self.progress = {'history': [], 'best': None, 'epoch_losses': None, 'train_wall_time_s': 0.0}
+    self.clock = None  # (time.time() at restore, the stage's seconds before it)
 
   def restore_or_init(self, state):
     """The train state of the latest checkpoint (with its best params and progress), or the
@@ -206,6 +207,8 @@ class Selection:
       state, self.best_params, self.progress = self.ckpt.restore(self.saved, state,
                                                                  self.best_params)
       logging.info('%s: resumed from %s/%d', self.name, self.ckpt.directory, self.saved)
+    # the stage's time so far (a checkpoint from before this field counts from here)
+    self.clock = (time.time(), float(self.progress.get('train_wall_time_s') or 0.0))
     return state
 
   def update(self, entry: Dict[str, Any], params) -> bool:
@@ -221,10 +224,11 @@ class Selection:
       self.progress['best'] = {'value': value, **entry}
     return new_best
 
-  def save(self, step: int, state, epoch_losses: metrics_lib.LossMeans, seconds: float):
+  def save(self, step: int, state, epoch_losses: metrics_lib.LossMeans):
     """Checkpoint of `step` with the running loss sums of its epoch and the stage's time."""
     self.progress['epoch_losses'] = epoch_losses.state()
-    self.progress['train_wall_time_s'] = seconds
+    start, before = self.clock
+    self.progress['train_wall_time_s'] = before + time.time() - start
     self.ckpt.save(step, state, self.best_params, self.progress)
     self.saved = step
 
@@ -259,8 +263,6 @@ class StageRunner:
     interrupts.progress(stage.name, saved or 0, saved)
     self.state = self.selection.restore_or_init(
         init_state(stage, self.tx, data.image_size, mesh))
-    # the stage's time so far (a checkpoint from before this field counts from here)
-    self.clock = (time.time(), float(self.selection.progress.get('train_wall_time_s') or 0.0))
     self.epoch_losses = metrics_lib.LossMeans.from_state(
         self.selection.progress.get('epoch_losses'))
     self.log = ProgressLog(stage, data, self.total, self.num_epochs,
@@ -337,8 +339,7 @@ class StageRunner:
   def save(self, step: int):
     """Checkpoint of `step` (never of a state past a non-finite step)."""
     self.fetch(step)
-    start, before = self.clock
-    self.selection.save(step, self.state, self.epoch_losses, before + time.time() - start)
+    self.selection.save(step, self.state, self.epoch_losses)
     interrupts.progress(self.stage.name, step, step)
     self.log.flush()
 
