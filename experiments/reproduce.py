@@ -787,8 +787,13 @@ def difference_stats(rows, resamples=10000, seed=0):
           'seeds_for_target': metrics_lib.seeds_for_half_width(t['std'], TARGET_HALF_WIDTH)}
 
 
-def _signed(x):
-  return 'n/a' if not np.isfinite(x) else f'{x:+.3f}'
+def _fmt(x, spec='+.3f', suffix=''):
+  """`x` formatted with `spec` (and `suffix`), or 'n/a' when it is not finite (too few seeds)."""
+  return 'n/a' if not np.isfinite(x) else f'{x:{spec}}{suffix}'
+
+
+def _interval(lo, hi):
+  return 'n/a' if not np.isfinite(lo) else f'[{lo:+.3f}, {hi:+.3f}]'
 
 
 def paired_markdown(results, fingerprints, mags, methods, seeds):
@@ -812,16 +817,11 @@ def paired_markdown(results, fingerprints, mags, methods, seeds):
   for (method, mag), r in pairs.items():
     st = stats[(method, mag)] = difference_stats(r)
     t, b, w = st['t'], st['bootstrap'], st['wins']
-    ci = lambda lo, hi: 'n/a' if not np.isfinite(lo) else f'[{lo:+.3f}, {hi:+.3f}]'
-    rows.append([f'{METHOD_LABELS[method]} - CE', f'{mag:g}x', str(st['n']), _signed(t['mean']),
-                 ci(b['lo'], b['hi']), ci(t['lo'], t['hi']),
-                 'n/a' if not np.isfinite(t['p']) else f'{t["p"]:.3f}',
+    rows.append([f'{METHOD_LABELS[method]} - CE', f'{mag:g}x', str(st['n']), _fmt(t['mean']),
+                 _interval(b['lo'], b['hi']), _interval(t['lo'], t['hi']), _fmt(t['p'], '.3f'),
                  f'{w["wins"]} / {st["n"]}', f'{st["baseline_mean"]:.3f}',
-                 f'{st["teacher_mean"]:.3f}',
-                 'n/a' if not np.isfinite(st['gap_closed']) else f'{100 * st["gap_closed"]:.0f} %',
-                 'n/a' if not np.isfinite(t['std']) else f'{t["std"]:.3f}',
-                 'n/a' if not np.isfinite(st['seeds_for_target'])
-                 else str(int(st['seeds_for_target']))])
+                 f'{st["teacher_mean"]:.3f}', _fmt(100 * st['gap_closed'], '.0f', ' %'),
+                 _fmt(t['std'], '.3f'), _fmt(st['seeds_for_target'], '.0f')])
   if rows:
     out.append(reporting.markdown_table(rows, [
         'difference', 'magnification', 'seeds', 'mean', '95 % CI (bootstrap)', '95 % CI (t)',
@@ -847,7 +847,7 @@ def paired_markdown(results, fingerprints, mags, methods, seeds):
                      f'{_value(r):.3f} (e{r["student"]["epoch"]})')
       for m in others:
         ok = pairs.get((m, mag)) and s in pairs[(m, mag)]['seeds']
-        cells.append(_signed(_value(results[(m, mag, s)]) - _value(results[(BASELINE, mag, s)]))
+        cells.append(_fmt(_value(results[(m, mag, s)]) - _value(results[(BASELINE, mag, s)]))
                      if ok else '-')
       if any(c != '-' for c in cells[2:]):
         body.append(cells)
