@@ -8,13 +8,19 @@ import warnings
 from typing import Dict, Iterable, Mapping, Sequence
 
 import numpy as np
-from sklearn import metrics as skm
+
+
+def _skm():
+  """sklearn.metrics, imported on first use: it costs about 1 s of every command's start-up
+  (the CLI's one-line errors and --help included) and only evaluation needs it."""
+  from sklearn import metrics  # pylint: disable=g-import-not-at-top
+  return metrics
 
 
 def confusion_matrix(labels, preds, num_classes: int) -> np.ndarray:
   """(C, C) int64 counts; row = true class, column = predicted class."""
   labels, preds = _check_pair(labels, preds, num_classes)
-  return skm.confusion_matrix(labels, preds, labels=np.arange(num_classes)).astype(np.int64)
+  return _skm().confusion_matrix(labels, preds, labels=np.arange(num_classes)).astype(np.int64)
 
 
 def balanced_accuracy(labels, preds, num_classes: int) -> float:
@@ -23,7 +29,7 @@ def balanced_accuracy(labels, preds, num_classes: int) -> float:
   with warnings.catch_warnings():
     # Predicting a class absent from the labels is legitimate here (small eval sets).
     warnings.simplefilter('ignore')
-    return float(skm.balanced_accuracy_score(labels, preds))
+    return float(_skm().balanced_accuracy_score(labels, preds))
 
 
 def quadratic_kappa(labels, preds, num_classes: int) -> float:
@@ -34,8 +40,8 @@ def quadratic_kappa(labels, preds, num_classes: int) -> float:
   labels, preds = _check_pair(labels, preds, num_classes)
   with warnings.catch_warnings():
     warnings.simplefilter('ignore')
-    return float(skm.cohen_kappa_score(labels, preds, weights='quadratic',
-                                       labels=np.arange(num_classes)))
+    return float(_skm().cohen_kappa_score(labels, preds, weights='quadratic',
+                                          labels=np.arange(num_classes)))
 
 
 def classification_metrics(labels, preds, num_classes: int) -> Dict[str, object]:

@@ -1,5 +1,6 @@
 """camkd_jax.train: start-up checks, evaluation on fixed logits, train_and_evaluate in process,
-and the CLI end to end (outputs, resume after SIGKILL, a non-finite loss).
+and the CLI end to end (outputs, resume after SIGINT, SIGKILL and SIGTERM, more epochs, a
+non-finite loss).
 
 The end-to-end runs use the embedded synthetic dataset's `smoke` build (32 px, 64/32/32 images)
 and a width-0.0625 VGG16; subprocess runs share a persistent XLA compilation cache so that the
@@ -260,20 +261,6 @@ def test_cli_end_to_end_outputs(reference_run):
   assert 'student (seed 22)' in proc.stdout  # the one-screen summary
 
 
-KILL_PRELUDE = """
-import os, signal
-from camkd_jax import input_pipeline
-_orig, _count = input_pipeline.Data.train_batches, [0]
-def _train_batches(self, epoch, start_step=0):
-  for batch in _orig(self, epoch, start_step):
-    _count[0] += 1
-    if _count[0] == {kill_at}:
-      os.kill(os.getpid(), signal.SIGKILL)
-    yield batch
-input_pipeline.Data.train_batches = _train_batches
-"""
-
-
 def _params(path):
   """Exported parameters (saved from 2 devices) restored on this process's single device."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -284,41 +271,6 @@ def _params(path):
   tree, _ = checkpoints.load_model(path, template)
   return {jax.tree_util.keystr(k): np.asarray(v)
           for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-@pytest.mark.slow
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, reference_run, e2e_env):
-  """Killed (SIGKILL) once in the teacher stage and once in the student stage, then resumed: the
-  final metrics and parameters equal those of the uninterrupted run, bit for bit."""
-  ref, run = reference_run[0], tmp_path / 'killed'
-  args = E2E_ARGS + ['--workdir', str(run)]
-  # 1) killed while fetching the teacher's 5th batch (latest checkpoint: teacher step 3).
-  proc = run_cli(args, e2e_env, prelude=KILL_PRELUDE.format(kill_at=5))
-  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-  assert os.listdir(run / 'checkpoints' / 'teacher') == ['3']
-  assert not (run / 'metrics.json').exists()
-  # 2) resumed: teacher steps 4..8 (5 batches), student steps 1..10, killed while fetching the
-  #    student's 11th batch (latest checkpoints: student 8 = epoch end, and 9).
-  proc = run_cli(args, e2e_env, prelude=KILL_PRELUDE.format(kill_at=5 + 11))
-  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-  assert 'teacher: resumed from' in proc.stderr
-  assert runs.is_finished_model(str(run / 'teacher'))
-  assert sorted(os.listdir(run / 'checkpoints' / 'student')) == ['8', '9']
-  # 3) resumed to the end.
-  proc = run_cli(args, e2e_env)
-  assert proc.returncode == 0, proc.stderr[-5000:]
-  assert 'student: resumed from' in proc.stderr and 'teacher: loaded' in proc.stderr
-
-  a, b = load_json(ref / 'metrics.json'), load_json(run / 'metrics.json')
-  for model in ('teacher', 'student'):
-    for key in ('val', 'test', 'epoch'):
-      assert a[model][key] == b[model][key], (model, key)
-  assert a['student']['history'] == b['student']['history']  # train loss means included
-  for model in ('teacher', 'student'):
-    pa, pb = _params(str(ref / model)), _params(str(run / model))
-    assert pa.keys() == pb.keys() and len(pa) == 28
-    for k in pa:
-      np.testing.assert_array_equal(pa[k], pb[k], err_msg=f'{model} {k}')
 
 
 @pytest.mark.slow
@@ -410,9 +362,10 @@ def test_native_student_end_to_end(tmp_path):
   assert cm.sum() == out['student']['test']['num_examples'] == 32
 
 
-# ----------------------------------------------------------------------------- Ctrl-C / SIGTERM
-# Sends `signum` to the process itself while the {at}-th training batch is fetched: the step that
-# batch feeds finishes, is checkpointed, and the run stops (camkd_jax.interrupts).
+# ------------------------------------------------------------------------- Ctrl-C, SIGKILL, SIGTERM
+# Sends `signum` to the process itself while the {at}-th training batch is fetched. SIGINT and
+# SIGTERM: the step that batch feeds finishes, is checkpointed, and the run stops
+# (camkd_jax.interrupts); SIGKILL: the process dies at once.
 SIGNAL_PRELUDE = """
 import os, signal
 from camkd_jax import input_pipeline
@@ -428,11 +381,11 @@ input_pipeline.Data.train_batches = _train_batches
 
 
 @pytest.mark.slow
-def test_resume_after_sigint_and_sigterm_matches_uninterrupted_run(tmp_path, reference_run,
-                                                                   e2e_env):
-  """Ctrl-C in the teacher stage, SIGTERM in the student stage: each checkpoints the step it
-  finished, prints one line naming the step to resume from (no traceback) and exits 130 / 143;
-  the resumed run ends bit-identical to the uninterrupted one."""
+def test_run_stopped_three_ways_resumes_bit_identical(tmp_path, reference_run, e2e_env):
+  """One run stopped three ways: Ctrl-C in the teacher stage, SIGKILL and then SIGTERM in the
+  student stage. Ctrl-C and SIGTERM checkpoint the step they finished, print one line naming the
+  step to resume from (no traceback) and exit 130 / 143; SIGKILL leaves the last periodic
+  checkpoint. Resumed each time, the run ends bit-identical to the uninterrupted one."""
   ref, run = reference_run[0], tmp_path / 'interrupted'
   args = E2E_ARGS + ['--workdir', str(run)]
   # 1) SIGINT while fetching the teacher's 5th batch: step 5 finishes and is checkpointed.
@@ -444,17 +397,26 @@ def test_resume_after_sigint_and_sigterm_matches_uninterrupted_run(tmp_path, ref
   assert 'Traceback' not in proc.stderr
   assert sorted(os.listdir(run / 'checkpoints' / 'teacher')) == ['3', '5']
   assert not (run / 'teacher').exists() and not (run / 'metrics.json').exists()
-  # 2) resumed at 5: teacher steps 6..8 (3 batches), then SIGTERM while fetching the student's
-  #    11th batch: step 11 is checkpointed beside 9 (every 3 steps); 8 (epoch end) rotates out.
+  # 2) resumed at 5: teacher steps 6..8 (3 batches), student steps 1..10, killed (SIGKILL) while
+  #    fetching the student's 11th batch: the latest checkpoints are 8 (epoch end) and 9.
   proc = run_cli(args, e2e_env, prelude=SIGNAL_PRELUDE.format(at=3 + 11,
-                                                              signum=int(signal.SIGTERM)))
-  assert proc.returncode == 143, proc.stderr[-3000:]
+                                                              signum=int(signal.SIGKILL)))
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
   assert 'teacher: resumed from' in proc.stderr
+  assert runs.is_finished_model(str(run / 'teacher'))
+  assert sorted(os.listdir(run / 'checkpoints' / 'student')) == ['8', '9']
+  assert not (run / 'metrics.json').exists()
+  # 3) resumed at 9, SIGTERM while fetching its 2nd batch: step 11 is checkpointed beside 9
+  #    (every 3 steps); 8 rotates out.
+  proc = run_cli(args, e2e_env, prelude=SIGNAL_PRELUDE.format(at=2, signum=int(signal.SIGTERM)))
+  assert proc.returncode == 143, proc.stderr[-3000:]
+  assert 'teacher: loaded' in proc.stderr and 'student: resumed from' in proc.stderr
   assert proc.stderr.strip().splitlines()[-1] == (
       'error: interrupted at step 11; rerun the same command to resume from step 11 '
       '(student stage, SIGTERM)'), proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr
   assert sorted(os.listdir(run / 'checkpoints' / 'student')) == ['11', '9']
-  # 3) resumed to the end.
+  # 4) resumed to the end.
   proc = run_cli(args, e2e_env)
   assert proc.returncode == 0, proc.stderr[-5000:]
   assert 'student: resumed from' in proc.stderr
@@ -462,13 +424,13 @@ def test_resume_after_sigint_and_sigterm_matches_uninterrupted_run(tmp_path, ref
   for model in ('teacher', 'student'):
     for key in ('val', 'test', 'epoch'):
       assert a[model][key] == b[model][key], (model, key)
-  assert a['student']['history'] == b['student']['history']
+  assert a['student']['history'] == b['student']['history']  # train loss means included
   for model in ('teacher', 'student'):
     pa, pb = _params(str(ref / model)), _params(str(run / model))
     assert pa.keys() == pb.keys() and len(pa) == 28
     for k in pa:
       np.testing.assert_array_equal(pa[k], pb[k], err_msg=f'{model} {k}')
-  # No TensorBoard step twice (steps 6 and 10-12 were logged before the interrupts' resumes too).
+  # No TensorBoard step twice (steps logged before an interrupt are not logged again on resume).
   for stage in ('teacher', 'student'):
     steps = _tensorboard_steps(run / 'tensorboard' / stage)
     assert len(steps) == len(set(steps)), (stage, sorted(steps))
