@@ -30,6 +30,9 @@ gone, and the report is built from the records. A seed's teacher is retrained (i
 needed) only when one of its students is still missing; its new metrics are compared with the
 record. The store refuses records of a sweep with other settings (protocol, dataset, --set, smoke).
 
+The page (tables, the paired statistics, figures) is written by experiments/study_report.py from
+the cells' results alone: `--report_only` rebuilds it from the records.
+
 `--workers=N` runs the grid in N processes, worker k pinned to CPU core k (on a 2-core CPU two
 single-threaded workers finish the grid sooner than one process using both cores: the per-cell
 start-up, evaluation and checkpointing are mostly single-threaded). The workers share one work
@@ -50,11 +53,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-import numpy as np  # pylint: disable=wrong-import-position
-
-from camkd_jax import metrics as metrics_lib  # pylint: disable=wrong-import-position
 from camkd_jax import reporting  # pylint: disable=wrong-import-position
 from camkd_jax import runs  # pylint: disable=wrong-import-position
+import study_report  # pylint: disable=wrong-import-position
 
 # method -> (config module, loss overrides). 'at' is AT+ alone, 'fm_at' the paper's FM + AT+.
 METHODS = {
@@ -70,11 +71,6 @@ METHODS = {
     'fm_at_native': ('attn_kd', {'student.view': 'native'}),
 }
 LOSS_TERMS = ('ce', 'kd', 'fm', 'at', 'sr')
-METHOD_LABELS = {'ce': 'CE only', 'kd': 'KD', 'fm': 'FM', 'at': 'AT+', 'fm_at': 'FM + AT+',
-                 'fm_at_tinit': 'FM + AT+ (teacher init)', 'ce_native': 'CE only (native)',
-                 'fm_at_native': 'FM + AT+ (native)'}
-SPLITS = ('val', 'test')
-METRICS = ('balanced_accuracy', 'kappa')
 
 
 def parse_args(argv=None):
@@ -218,7 +214,7 @@ def print_estimate(args):
         f'distill/teacher/eval = {"/".join(f"{r:g}" for r in rates)}')
   print(f'  teacher: {reporting.format_duration(est["teacher"])} each, {len(seeds)} seed(s)')
   for m, sec in est['students'].items():
-    print(f'  {METHOD_LABELS[m]} student: {reporting.format_duration(sec)} each, '
+    print(f'  {study_report.METHOD_LABELS[m]} student: {reporting.format_duration(sec)} each, '
           f'x {len(mags)} magnification(s) '
           f'x {len(seeds)} seed(s)')
   print(f'  total: {reporting.format_duration(est["total"])} of steps and evaluation '
@@ -372,13 +368,8 @@ def cell_dir(args, cell):
   return os.path.join(args.workdir, name)
 
 
-def cell_key(cell):
-  """The cell's own report in its metrics.json: 'teacher' for a teacher cell, else 'student'."""
-  return 'teacher' if cell[0] == 'teacher' else 'student'
-
-
 def kappas(report):
-  return {split: report[split]['kappa'] for split in SPLITS}
+  return {split: report[split]['kappa'] for split in study_report.SPLITS}
 
 
 def cells(args):
@@ -419,7 +410,7 @@ def sweep(args):
           for cell in [('teacher', None, s)] + [(m, g, s) for g in mags for m in methods]]
   k, n = worker_share(args.worker)
   tag = f'study w{k}' if n > 1 else 'study'
-  dirs = [(cell_dir(args, cell), cell_key(cell)) for cell in todo]
+  dirs = [(cell_dir(args, cell), study_report.cell_key(cell)) for cell in todo]
   # A cell is done when its workdir or the store holds its metrics. A teacher is also trained
   # when it is only in the store but one of its students still has to be trained (they need its
   # checkpoint). Every worker computes the same plan.
@@ -586,24 +577,6 @@ def run_workers(args, argv):
                      'Rerun the same command to resume them.')
 
 
-def _mean_std_n(values):
-  """(mean, sample std, n) of per-seed values."""
-  ms = metrics_lib.mean_std(values)
-  return ms['mean'], ms['std'], len(values)
-
-
-def aggregate(results):
-  """{(method, mag): {split: {metric: (mean, std, n)}}}, teacher under ('teacher', None)."""
-  groups = {}
-  for cell, out in results.items():
-    groups.setdefault(cell[:2], []).append(out[cell_key(cell)])
-  table = {}
-  for group, reports in groups.items():
-    table[group] = {split: {m: _mean_std_n([r[split][m] for r in reports]) for m in METRICS}
-                    for split in SPLITS}
-  return table
-
-
 def study_labels(args):
   """(teacher label, selection text) from the grid's own config, not assumed: e.g. ('10x',
   'validation kappa')."""
@@ -615,98 +588,6 @@ def study_labels(args):
   return f'{float(config.base_magnification):g}x', selection
 
 
-def cell_seconds(cell, out):
-  """(seconds, whole) a cell took: its stage's train_wall_time_s (every run of the cell, resumed
-  and continued ones included; whole=True) or, in records without it, the wall_time_s of the
-  cell's last run (whole=False). (None, False) when neither is recorded."""
-  stage = out.get(cell_key(cell))
-  seconds = stage.get('train_wall_time_s') if isinstance(stage, dict) else None
-  if seconds:
-    return float(seconds), True
-  return out.get('wall_time_s') or None, False
-
-
-def wall_text(results, wall):
-  """The sweep's cost: cells trained in this invocation, and the recorded cells' own times."""
-  times = [cell_seconds(cell, out) for cell, out in results.items() if isinstance(out, dict)]
-  times = [t for t in times if t[0]]
-  last_only = sum(not whole for _, whole in times)
-  if not last_only:
-    source = 'their records\' train_wall_time_s: every run of a cell'
-  elif last_only == len(times):
-    source = ('their records\' wall_time_s: the last run of each cell, so a resumed or '
-              'continued cell counts short')
-  else:
-    source = (f'train_wall_time_s where recorded: every run of a cell; {last_only} older '
-              'record(s) hold only the wall_time_s of their last run, so a resumed or continued '
-              'one counts short')
-  recorded = (f'the {len(times)} cells in this report took {sum(t for t, _ in times) / 3600:.1f} h '
-              f'of training in all ({source})' if times else
-              'no cell here records its training time')
-  if wall >= 60:
-    return f'Wall time of this invocation: {wall / 60:.1f} min; {recorded}.'
-  return f'No cell was trained by this invocation (all came from records); {recorded}.'
-
-
-def markdown(table, args, wall, mags, methods, results=None):
-  # One seed has no spread: its value alone (a '± 0.000' would claim one).
-  teacher_label, selection = study_labels(args)
-  pm = lambda x: reporting.mean_std_cell(x[0], x[1], 3) if x[2] > 1 else f'{x[0]:.3f}'
-  cells = lambda r: [pm(r[split][m]) for split in SPLITS for m in METRICS] + [
-      str(r['val']['kappa'][2])]
-  rows = []
-  if ('teacher', None) in table:
-    rows.append(['teacher', teacher_label] + cells(table[('teacher', None)]))
-  rows += [[METHOD_LABELS[method], f'{mag:g}x'] + cells(table[(method, mag)])
-           for mag in mags for method in methods if (method, mag) in table]
-  header = ['method', 'magnification', 'val bal. acc.', 'val kappa', 'test bal. acc.',
-            'test kappa', 'n']
-  import shlex  # pylint: disable=g-import-not-at-top
-  cmd = 'python experiments/reproduce.py ' + shlex.join(sys.argv[1:])  # quoted: copy and run
-  title = args.title or f'Study results ({args.dataset})'
-  return (f'# {title}\n\n'
-          f'Produced by `{cmd.strip()}` (mean ± sample std over seeds {args.seeds}; '
-          f'the metrics of the checkpoint selected on {selection}). '
-          f'{wall_text(results or {}, wall)}\n\n'
-          + reporting.markdown_table(rows, header))
-
-
-def per_seed_markdown(results, mags, methods, seeds, teacher_label='10x'):
-  """Test kappa (val kappa) of every cell, one column per seed: the spread behind each mean."""
-  def cell(out):
-    return '-' if out is None else f'{out["test"]["kappa"]:.3f} ({out["val"]["kappa"]:.3f})'
-  teachers = [(results.get(('teacher', None, s)) or {}).get('teacher') for s in seeds]
-  rows = [['teacher', teacher_label] + [cell(t) for t in teachers]]
-  for mag in mags:
-    for method in methods:
-      if not any((method, mag, s) in results for s in seeds):
-        continue
-      rows.append([METHOD_LABELS[method], f'{mag:g}x'] + [
-          cell((results.get((method, mag, s)) or {}).get('student')) for s in seeds])
-  header = ['method', 'magnification'] + [f'seed {s}' for s in seeds]
-  return ('\nPer seed, test kappa (validation kappa in brackets) of the selected checkpoint:\n\n'
-          + reporting.markdown_table(rows, header))
-
-
-# ----------------------------------------------------------------------------- paired report
-BASELINE = 'ce'
-PAIRED_METRIC = ('test', 'kappa')  # the per-seed value compared (split, metric)
-
-
-def select_within(report, epochs, min_delta):
-  """`report` (a stage's metrics: history of every epoch) as if the stage had stopped after
-  `epochs` epochs: the selection rule of the run (metrics_lib.improved on validation kappa) over
-  the first `epochs` entries. A run shorter than that is returned as it is."""
-  history = report.get('history') or []
-  if len(history) <= epochs:
-    return report
-  best = None
-  for entry in history[:epochs]:
-    if metrics_lib.improved(entry['val']['kappa'], None if best is None else best['val']['kappa'],
-                            min_delta):
-      best = entry
-  return {**report, 'val': best['val'], 'test': best['test'], 'epoch': best['epoch'],
-          'step': best['step'], 'train': best['train'], 'history': history[:epochs]}
 
 
 def select_epochs(args, results):
@@ -718,8 +599,8 @@ def select_epochs(args, results):
       continue
     config = method_config(cell[0], config_arg(args, cell[1]), cell[2], args.set)
     min_delta = float(config.selection.min_delta)
-    out[cell] = {**metrics, 'student': select_within(metrics['student'], args.select_epochs,
-                                                     min_delta)}
+    student = study_report.select_within(metrics['student'], args.select_epochs, min_delta)
+    out[cell] = {**metrics, 'student': student}
   return out
 
 
@@ -740,271 +621,6 @@ def teacher_fingerprints(args, results):
   return out
 
 
-def _value(metrics, key='student'):
-  split, metric = PAIRED_METRIC
-  return float(metrics[key][split][metric])
-
-
-def paired_table(results, fingerprints, mags, methods, seeds):
-  """{(method, mag): {'seeds', 'method', 'baseline', 'teacher'}} over the seeds where the method,
-  CE and the teacher are all finished and the method and CE distilled from the same teacher; and
-  the (method, mag, seed) cells left out because their teacher differs from CE's."""
-  pairs, mismatched = {}, []
-  for mag in mags:
-    for method in methods:
-      if method == BASELINE:
-        continue
-      rows = {'seeds': [], 'method': [], 'baseline': [], 'teacher': []}
-      for seed in seeds:
-        m, b, t = (method, mag, seed), (BASELINE, mag, seed), ('teacher', None, seed)
-        if not all(c in results for c in (m, b, t)):
-          continue
-        if fingerprints.get(m) != fingerprints.get(b):
-          mismatched.append(m)
-          continue
-        rows['seeds'].append(seed)
-        rows['method'].append(_value(results[m]))
-        rows['baseline'].append(_value(results[b]))
-        rows['teacher'].append(_value(results[t], 'teacher'))
-      if rows['seeds']:
-        pairs[(method, mag)] = rows
-  return pairs, mismatched
-
-
-TARGET_HALF_WIDTH = 0.03  # the 95 % CI half-width the study plans its seed count for
-
-
-def difference_stats(rows, resamples=10000, seed=0):
-  """The summary of one method's per-seed differences method - CE."""
-  d = np.subtract(rows['method'], rows['baseline'])
-  t = metrics_lib.paired_t(d)
-  boot = metrics_lib.bootstrap_ci(d, resamples=resamples, seed=seed)
-  return {'n': len(d), 'diffs': d.tolist(), 't': t, 'bootstrap': boot,
-          'wins': metrics_lib.wins(d),
-          'gap_closed': metrics_lib.gap_closed(rows['method'], rows['baseline'], rows['teacher']),
-          'baseline_mean': float(np.mean(rows['baseline'])),
-          'teacher_mean': float(np.mean(rows['teacher'])),
-          'seeds_for_target': metrics_lib.seeds_for_half_width(t['std'], TARGET_HALF_WIDTH)}
-
-
-def _fmt(x, spec='+.3f', suffix=''):
-  """`x` formatted with `spec` (and `suffix`), or 'n/a' when it is not finite (too few seeds)."""
-  return 'n/a' if not np.isfinite(x) else f'{x:{spec}}{suffix}'
-
-
-def _interval(lo, hi):
-  return 'n/a' if not np.isfinite(lo) else f'[{lo:+.3f}, {hi:+.3f}]'
-
-
-def paired_markdown(results, fingerprints, mags, methods, seeds):
-  """The paired sections: per-seed rows, the difference table, validation kappa per epoch."""
-  pairs, mismatched = paired_table(results, fingerprints, mags, methods, seeds)
-  split, metric = PAIRED_METRIC
-  out = [f'\n## Paired comparison: {split} {metric}, method - CE within a seed\n',
-         'Every method of a seed distils from the same teacher checkpoint (its fingerprint is '
-         'checked) with the same data order and augmentation stream, so the difference within a '
-         'seed cancels the teacher and the data. CI: 95 % percentile bootstrap over seeds '
-         '(10,000 resamples, generator seed 0) and paired t (t distribution with n - 1 degrees '
-         'of freedom). Share of the gap closed: mean(method - CE) / mean(teacher - CE). sd: the '
-         'sample std of the per-seed differences; seeds for +-0.03: the fewest seeds whose '
-         'paired-t half-width, t_{n-1} sd / sqrt(n), is at most 0.03 at that sd (the planning '
-         'rule for the seed count; the sd of a few seeds is itself uncertain).\n']
-  if mismatched:
-    out.append('Left out (distilled from another teacher than CE of the same seed): '
-               + ', '.join(f'{METHOD_LABELS[m]} {g:g}x seed {s}' for m, g, s in mismatched)
-               + '.\n')
-  rows, stats = [], {}
-  for (method, mag), r in pairs.items():
-    st = stats[(method, mag)] = difference_stats(r)
-    t, b, w = st['t'], st['bootstrap'], st['wins']
-    rows.append([f'{METHOD_LABELS[method]} - CE', f'{mag:g}x', str(st['n']), _fmt(t['mean']),
-                 _interval(b['lo'], b['hi']), _interval(t['lo'], t['hi']), _fmt(t['p'], '.3f'),
-                 f'{w["wins"]} / {st["n"]}', f'{st["baseline_mean"]:.3f}',
-                 f'{st["teacher_mean"]:.3f}', _fmt(100 * st['gap_closed'], '.0f', ' %'),
-                 _fmt(t['std'], '.3f'), _fmt(st['seeds_for_target'], '.0f')])
-  if rows:
-    out.append(reporting.markdown_table(rows, [
-        'difference', 'magnification', 'seeds', 'mean', '95 % CI (bootstrap)', '95 % CI (t)',
-        'p (t)', 'wins', 'CE mean', 'teacher mean', 'gap closed', 'sd',
-        f'seeds for +-{TARGET_HALF_WIDTH:g}']))
-  else:
-    out.append('No seed has both CE and another method finished yet.\n')
-  # Per-seed rows: every method's value and selected epoch, the differences.
-  for mag in mags:
-    have = [s for s in seeds if (BASELINE, mag, s) in results]
-    if not have:
-      continue
-    others = [m for m in methods if m != BASELINE]
-    header = ['seed', 'teacher'] + [METHOD_LABELS[m] for m in methods] + [
-        f'{METHOD_LABELS[m]} - CE' for m in others]
-    body = []
-    for s in seeds:
-      t = results.get(('teacher', None, s))
-      cells = [str(s), '-' if t is None else f'{_value(t, "teacher"):.3f}']
-      for m in methods:
-        r = results.get((m, mag, s))
-        cells.append('-' if r is None else
-                     f'{_value(r):.3f} (e{r["student"]["epoch"]})')
-      for m in others:
-        ok = pairs.get((m, mag)) and s in pairs[(m, mag)]['seeds']
-        cells.append(_fmt(_value(results[(m, mag, s)]) - _value(results[(BASELINE, mag, s)]))
-                     if ok else '-')
-      if any(c != '-' for c in cells[2:]):
-        body.append(cells)
-    out.append(f'\nPer seed at {mag:g}x: {split} {metric} of the selected checkpoint (its epoch '
-               'in brackets) and the differences to CE:\n\n'
-               + reporting.markdown_table(body, header))
-  out.append(epoch_markdown(results, mags, methods, seeds))
-  return '\n'.join(out), stats
-
-
-def epoch_markdown(results, mags, methods, seeds):
-  """Validation kappa after every epoch of every student (the selected one in bold) and how
-  often the selected epoch is the last one."""
-  rows, last, total, width = [], 0, 0, 0
-  for mag in mags:
-    for m in methods:
-      for s in seeds:
-        r = results.get((m, mag, s))
-        if r is None:
-          continue
-        h = r['student'].get('history') or []
-        sel = r['student']['epoch']
-        width = max(width, len(h))
-        rows.append([METHOD_LABELS[m], f'{mag:g}x', str(s)] + [
-            f'**{e["val"]["kappa"]:.3f}**' if e['epoch'] == sel else f'{e["val"]["kappa"]:.3f}'
-            for e in h] + [str(sel)])
-        total += 1
-        last += sel == len(h)
-  if not rows:
-    return ''
-  rows = [r[:3] + r[3:-1] + [''] * (width + 4 - len(r)) + r[-1:] for r in rows]
-  header = ['method', 'magnification', 'seed'] + [f'e{k}' for k in range(1, width + 1)] + [
-      'selected']
-  return (f'\nValidation kappa after every epoch (selected epoch in bold; the rule: the first '
-          f'epoch sets the best, a later one must beat it by more than min_delta). The selected '
-          f'epoch is the last one for {last} of {total} students.\n\n'
-          + reporting.markdown_table(rows, header))
-
-
-def plot_differences(stats, path):
-  """Per-seed differences method - CE (dots), their mean and paired-t 95 % CI (bar)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  keys = list(stats)
-  fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(keys) + 2), 4.0))
-  rng = np.random.default_rng(0)  # horizontal jitter of the dots only
-  for x, key in enumerate(keys):
-    st = stats[key]
-    d = np.asarray(st['diffs'])
-    ax.scatter(x + rng.uniform(-0.12, 0.12, d.size), d, s=18, alpha=0.7, color='C0')
-    t = st['t']
-    if np.isfinite(t['lo']):
-      ax.errorbar(x + 0.25, t['mean'], yerr=[[t['mean'] - t['lo']], [t['hi'] - t['mean']]],
-                  fmt='s', color='C3', capsize=4)
-    else:
-      ax.plot(x + 0.25, t['mean'], 's', color='C3')
-  ax.axhline(0.0, color='k', lw=0.8)
-  ax.set_xlim(-0.6, len(keys) - 0.4)
-  ax.set_xticks(range(len(keys)))
-  ax.set_xticklabels([f'{METHOD_LABELS[m]}\n{g:g}x, n={len(stats[(m, g)]["diffs"])}'
-                      for m, g in keys], fontsize=8)
-  split, metric = PAIRED_METRIC
-  ax.set_ylabel(f'{split} {metric}: method - CE (same seed)')
-  ax.set_title('method - CE per seed (dots);\nmean and its 95 % CI, paired t (squares)',
-               fontsize=9)
-  ax.grid(alpha=0.3, axis='y')
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def plot_curves(results, mags, methods, seeds, path):
-  """Validation kappa after every epoch of every student, one panel per magnification: a line
-  per (method, seed) in the method's colour, a dot at the selected epoch, the seeds' teachers as
-  dashed lines. Returns the number of student curves drawn; writes `path` only if any."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, len(mags), figsize=(5.2 * len(mags), 3.8), squeeze=False)
-  drawn = 0
-  for ax, mag in zip(axes[0], mags):
-    teachers = {results[('teacher', None, s)]['teacher']['val']['kappa'] for s in seeds
-                if ('teacher', None, s) in results and any((m, mag, s) in results
-                                                           for m in methods)}
-    for k, v in enumerate(sorted(teachers)):
-      ax.axhline(v, color='0.5', lw=0.8, ls='--', label='teacher (per seed)' if k == 0 else None)
-    for i, m in enumerate(methods):
-      first = True
-      for s in seeds:
-        r = results.get((m, mag, s))
-        h = (r or {}).get('student', {}).get('history') or []
-        if not h:
-          continue
-        x = [e['epoch'] for e in h]
-        y = [e['val']['kappa'] for e in h]
-        ax.plot(x, y, color=f'C{i}', lw=1.2, alpha=0.8, label=METHOD_LABELS[m] if first else None)
-        sel = r['student']['epoch']
-        ax.plot([sel], [y[x.index(sel)]], 'o', color=f'C{i}', ms=5)
-        first, drawn = False, drawn + 1
-    ax.set_xlabel('epoch')
-    ax.set_ylabel('validation kappa')
-    ax.set_title(f'{mag:g}x: one line per seed, dot = selected epoch', fontsize=9)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:  # a panel without students has nothing to name
-      ax.legend(fontsize=8, loc='lower right')
-  fig.tight_layout()
-  if drawn:  # no student yet: no file (the report links the plot only when there is one)
-    fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return drawn
-
-
-def completeness(results, mags, methods, seeds):
-  """'' when every cell of the grid is finished, else a PARTIAL line naming what is missing."""
-  grid = [c for s in seeds
-          for c in [('teacher', None, s)] + [(m, g, s) for g in mags for m in methods]]
-  missing = [c for c in grid if c not in results]
-  if not missing:
-    return ''
-  return (f'**PARTIAL**: {len(grid) - len(missing)} of {len(grid)} cells of the grid are '
-          f'finished; {len(missing)} still to run (the command without --report_only resumes '
-          'them).\n\n')
-
-
-def plot(table, mags, methods, path, teacher_label='10x'):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6.4, 4.2))
-  xs = sorted(mags)
-  for i, method in enumerate(methods):
-    pts = [(m, table[(method, m)]['test']['kappa']) for m in xs if (method, m) in table]
-    if not pts:
-      continue
-    # Methods side by side around each magnification, so that error bars do not hide each other.
-    dodge = 2.0 ** (0.06 * (i - (len(methods) - 1) / 2))
-    x = [p[0] * dodge for p in pts]
-    y = np.array([p[1][0] for p in pts])
-    e = np.array([p[1][1] for p in pts])
-    ax.errorbar(x, y, yerr=e, marker='o', capsize=3, label=METHOD_LABELS[method])
-  if ('teacher', None) in table:  # a partial grid may not have one yet
-    t = table[('teacher', None)]['test']['kappa']
-    ax.axhline(t[0], color='k', ls='--', label=f'teacher {teacher_label} ({t[0]:.3f})')
-  ax.set_xscale('log', base=2)
-  ax.set_xlim(min(xs) / 1.4, max(xs) * 1.4)
-  ax.set_xticks(xs)
-  ax.set_xticklabels([f'{m:g}x' for m in xs])
-  ax.set_xlabel('student magnification')
-  ax.set_ylabel('test quadratic kappa')
-  ax.legend(fontsize=8)
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 def main(argv=None):
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parse_args(argv)
@@ -1023,37 +639,15 @@ def main(argv=None):
     return None  # the parent writes the report once every worker is done
   if args.select_epochs:
     results = select_epochs(args, results)
-  table = aggregate(results)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  plot_path = args.plot or os.path.splitext(args.out)[0] + '_kappa.png'
-  teacher_label, _ = study_labels(args)
-  plot(table, mags, methods, plot_path, teacher_label)
-  text = markdown(table, args, wall, mags, methods, results)
-  if args.intro and os.path.exists(args.intro):
-    with open(args.intro) as f:
-      text = text.replace('\n\n', '\n\n' + f.read().strip() + '\n\n', 1)
-  text = text.replace('\n\n', '\n\n' + completeness(results, mags, methods, seeds), 1)
-  text += per_seed_markdown(results, mags, methods, seeds, teacher_label)
-  text += f'\n![test kappa vs magnification]({os.path.basename(plot_path)})\n'
-  if args.paired:
-    paired, stats = paired_markdown(results, teacher_fingerprints(args, results), mags, methods,
-                                    seeds)
-    text += paired
-    if stats:
-      diff_path = os.path.splitext(args.out)[0] + '_differences.png'
-      plot_differences(stats, diff_path)
-      text += f'\n![per-seed differences to CE]({os.path.basename(diff_path)})\n'
-    curves_path = os.path.splitext(args.out)[0] + '_curves.png'
-    if plot_curves(results, mags, methods, seeds, curves_path):
-      text += f'\n![validation kappa after every epoch]({os.path.basename(curves_path)})\n'
-  if args.notes and os.path.exists(args.notes):
-    with open(args.notes) as f:
-      text += '\n' + f.read()
-  runs.atomic_write(args.out, lambda f: f.write(text))
-  runs.write_json(os.path.splitext(args.out)[0] + '.json',
-                  {f'{k[0]}|{k[1]}': v for k, v in table.items()}, indent=1)
-  print(text)
-  return table
+  import shlex  # pylint: disable=g-import-not-at-top
+  return study_report.write_report(
+      results, args.out, mags, methods, seeds,
+      title=args.title or f'Study results ({args.dataset})',
+      # the command that made the page, quoted: copy and run
+      command='python experiments/reproduce.py ' + shlex.join(sys.argv[1:]),
+      seeds_text=args.seeds, labels=study_labels(args), wall=wall, plot_path=args.plot,
+      intro=args.intro, notes=args.notes,
+      fingerprints=teacher_fingerprints(args, results) if args.paired else None)
 
 
 def cli_main(argv=None):

@@ -337,60 +337,6 @@ def test_an_interrupted_cell_ends_the_sweep_in_one_line(tmp_path, monkeypatch, c
                      '(student stage, SIGINT)')
 
 
-def _history(vals):
-  return [{'epoch': e + 1, 'step': 10 * (e + 1), 'train': {}, 'val': {'kappa': v},
-           'test': {'kappa': v / 2}} for e, v in enumerate(vals)]
-
-
-def test_select_within_applies_the_run_rule_to_a_prefix():
-  r = _reproduce_module()
-  h = _history([0.50, 0.505, 0.52, 0.70, 0.69, 0.90])
-  full = {'val': h[5]['val'], 'test': h[5]['test'], 'epoch': 6, 'step': 60, 'train': {},
-          'history': h}
-  # min_delta 0.01: e1 sets the best, e2 (+0.005) does not beat it, e3 (+0.02) does.
-  three = r.select_within(full, 3, 0.01)
-  assert three['epoch'] == 3 and three['test']['kappa'] == 0.26 and len(three['history']) == 3
-  assert r.select_within(full, 5, 0.01)['epoch'] == 4
-  assert r.select_within(full, 2, 0.01)['epoch'] == 1
-  assert r.select_within(full, 6, 0.01) is full and r.select_within(full, 9, 0.01) is full
-
-
-def test_select_within_reproduces_the_recorded_selection():
-  """On the committed records, re-selecting over the whole history gives each run's own choice."""
-  r = _reproduce_module()
-  import glob  # pylint: disable=g-import-not-at-top
-  paths = sorted(glob.glob(os.path.join(REPO, 'experiments', 'results', 'imagenet_cells', '*_m*.json')))
-  assert len(paths) > 30
-  for path in paths:
-    with open(path) as f:
-      student = json.load(f)['metrics']['student']
-    # Dropping the last epoch and asking for all of them back is the identity...
-    h = student['history']
-    redo = r.select_within({**student, 'history': h + [dict(h[-1], epoch=len(h) + 1)]}, len(h),
-                           0.01)
-    assert redo['epoch'] == student['epoch'] and redo['test'] == student['test'], path
-
-
-def test_paired_table_pairs_within_a_seed_and_drops_another_teacher():
-  r = _reproduce_module()
-  res = lambda k: {'student': {'test': {'kappa': k}}}
-  results = {('teacher', None, 1): {'teacher': {'test': {'kappa': 1.0}}},
-             ('teacher', None, 2): {'teacher': {'test': {'kappa': 0.9}}},
-             ('teacher', None, 3): {'teacher': {'test': {'kappa': 1.0}}},
-             ('ce', 2.5, 1): res(0.7), ('at', 2.5, 1): res(0.8),
-             ('ce', 2.5, 2): res(0.6), ('at', 2.5, 2): res(0.55),
-             ('ce', 2.5, 3): res(0.5), ('at', 2.5, 3): res(0.9)}
-  fps = {c: 'A' for c in results}
-  fps[('at', 2.5, 3)] = 'B'  # distilled from a retrained teacher: not a pair
-  pairs, mismatched = r.paired_table(results, fps, [2.5], ['ce', 'at'], [1, 2, 3])
-  assert mismatched == [('at', 2.5, 3)]
-  assert pairs[('at', 2.5)] == {'seeds': [1, 2], 'method': [0.8, 0.55], 'baseline': [0.7, 0.6],
-                                'teacher': [1.0, 0.9]}
-  st = r.difference_stats(pairs[('at', 2.5)])
-  assert st['diffs'] == pytest.approx([0.1, -0.05]) and st['wins']['wins'] == 1
-  assert st['gap_closed'] == pytest.approx(0.025 / 0.3)  # mean diff / mean(teacher - CE)
-
-
 def test_paired_report_from_the_committed_records(tmp_path):
   """--report_only --paired on the committed 3-seed records: the per-seed differences are the
   records' test kappas subtracted, with scipy's paired t; a plot of them is written."""
@@ -426,29 +372,6 @@ def test_paired_report_from_the_committed_records(tmp_path):
   assert '![validation kappa after every epoch](R_curves.png)' in text
 
 
-def test_curves_plot_draws_one_line_per_student(tmp_path):
-  r = _reproduce_module()
-  student = lambda vals, sel: {'student': {'epoch': sel, 'history': _history(vals)}}
-  results = {('teacher', None, 1): {'teacher': {'val': {'kappa': 0.98}}},
-             ('ce', 2.5, 1): student([0.5, 0.7, 0.6], 2), ('at', 2.5, 1): student([0.6, 0.8], 2),
-             ('ce', 2.5, 2): student([0.4, 0.45], 1), ('ce', 1.25, 1): student([0.3], 1)}
-  path = tmp_path / 'c.png'
-  assert r.plot_curves(results, [2.5, 1.25], ['ce', 'at'], [1, 2], str(path)) == 4
-  assert path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-  teacher_only = tmp_path / 'none.png'  # no student yet: no curve, no file
-  assert r.plot_curves({('teacher', None, 1): results[('teacher', None, 1)]}, [2.5], ['ce'], [1],
-                       str(teacher_only)) == 0
-  assert not teacher_only.exists()
-
-
-def test_completeness_names_a_partial_grid():
-  r = _reproduce_module()
-  done = {('teacher', None, 1): {}, ('ce', 2.5, 1): {}, ('at', 2.5, 1): {}}
-  assert r.completeness(done, [2.5], ['ce', 'at'], [1]) == ''
-  line = r.completeness(done, [2.5], ['ce', 'at'], [1, 2])
-  assert line.startswith('**PARTIAL**: 3 of 6 cells') and '3 still to run' in line
-
-
 def test_report_labels_come_from_the_grid_config():
   """The teacher's magnification and the selection rule are read from the config, not assumed."""
   r = _reproduce_module()
@@ -457,21 +380,6 @@ def test_report_labels_come_from_the_grid_config():
   other = r.parse_args(['--seeds=22', '--set=base_magnification=20',
                         '--set=selection.metric=slide_kappa'])
   assert r.study_labels(other) == ('20x', 'validation slide-level kappa')
-  table = {('teacher', None): {s: {m: (1.0, 0.0, 1) for m in r.METRICS} for s in r.SPLITS}}
-  text = r.markdown(table, other, 0.0, [2.5], ['ce'], {})
-  assert '| teacher | 20x |' in text and 'selected on validation slide-level kappa' in text
-  assert '0.0 min' not in text and 'No cell was trained by this invocation' in text
-  results = {('teacher', None, 22): {'wall_time_s': 1800.0}, ('ce', 2.5, 22): {'wall_time_s': 5400.0}}
-  assert 'the 2 cells in this report took 2.0 h' in r.wall_text(results, 0.0)
-  assert 'wall_time_s: the last run of each cell' in r.wall_text(results, 0.0)
-  assert r.wall_text(results, 150.0).startswith('Wall time of this invocation: 2.5 min')
-  # a stage's own time (every run of the cell) wins over the last run's wall time
-  results[('ce', 2.5, 22)]['student'] = {'train_wall_time_s': 9000.0}
-  text = r.wall_text(results, 0.0)
-  assert 'took 3.0 h' in text and '1 older record(s) hold only' in text, text
-  results[('teacher', None, 22)]['teacher'] = {'train_wall_time_s': 1800.0}
-  text = r.wall_text(results, 0.0)
-  assert 'took 3.0 h' in text and 'every run of a cell)' in text and 'older' not in text, text
 
 
 def test_cell_logging_drops_library_info_and_keeps_the_driver_lines():
