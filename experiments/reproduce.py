@@ -252,11 +252,12 @@ def method_config(method, arg, seed, overrides):
   return apply_overrides(config, method_overrides(overrides, weights))
 
 
-def finished(workdir, key, config=None):
+def finished(workdir, key, config=None, note=True):
   """The metrics.json of the finished run in `workdir` (None if there is none). With `config`:
   None too when the run's config.json differs from it in a key that changes results (e.g. a
   sweep rerun with --set=num_epochs=16 over the workdirs of an 8-epoch sweep): such a cell runs
-  again, and the workdir then continues the run (more epochs) or refuses the other config."""
+  again, and the workdir then continues the run (more epochs) or refuses the other config.
+  `note`: say so (once per cell; the polling of a waiting worker does not)."""
   path = os.path.join(workdir, runs.METRICS)
   if not os.path.exists(path):
     return None
@@ -268,8 +269,9 @@ def finished(workdir, key, config=None):
     from camkd_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
     diff = workdir_lib.config_differences(runs.read_config(workdir), runs.config_dict(config))
     if diff:
-      print(f'  note: {path} was written by another config ({"; ".join(diff[:3])}); the cell '
-            'runs again', flush=True)
+      if note:
+          print(f'  note: {path} was written by another config ({"; ".join(diff[:3])}); the '
+              'cell runs again', flush=True)
       return None
   return out
 
@@ -439,7 +441,8 @@ def sweep(args):
   if not args.report_only:
     # One process trains every cell left in grid order; a worker those it claims from the queue.
     to_train = [i for i in range(len(todo)) if train[i]]
-    queue = iter(to_train) if n == 1 else claimed_cells(args, todo, to_train, dirs, teacher_index)
+    queue = iter(to_train) if n == 1 else claimed_cells(args, todo, to_train, dirs, teacher_index,
+                                                        configs)
     pending = len(to_train) if n == 1 else -(-len(to_train) // n)  # for the ETA: a fair share
     for done_here, i in enumerate(queue):
       method, mag, seed = todo[i]
@@ -454,7 +457,7 @@ def sweep(args):
       if method != 'teacher':
         t = teacher_index[seed]
         teacher_wd = dirs[t][0]
-        wait_for_teacher(teacher_wd, args.teacher_wait_s)
+        wait_for_teacher(teacher_wd, configs[t], args.teacher_wait_s)
         # perhaps trained by another worker meanwhile
         local[t] = finished(teacher_wd, 'teacher', configs[t])
       new = local[i] = run_cell(configs[i], wd)
@@ -486,16 +489,23 @@ def claim(args, workdir):
   return True
 
 
-def next_cell(args, todo, left, dirs, teacher_index):
+def teacher_ready(workdir, config):
+  """The teacher in `workdir` is finished, by `config` (the sweep's teacher config; None: any)."""
+  return finished(workdir, 'teacher', config, note=False) is not None
+
+
+def next_cell(args, todo, left, dirs, teacher_index, configs):
   """The index of the first cell in `left` that can start now and that this process claims.
 
-  A student can start once its seed's teacher is finished (its metrics.json exists); a teacher at
-  once. Cells another worker claimed are dropped from `left`; so is the one returned. None: every
+  A student can start once its seed's teacher is finished (its metrics.json exists, written by
+  the sweep's teacher config `configs[t]`: not a teacher of another config still in the workdir,
+  which a worker is about to train again); a teacher at once. Cells another worker claimed are dropped from `left`; so is the one returned. None: every
   cell left waits for a teacher that another worker is training.
   """
   for i in list(left):
     method, _, seed = todo[i]
-    if method != 'teacher' and finished(dirs[teacher_index[seed]][0], 'teacher') is None:
+    t = teacher_index[seed]
+    if method != 'teacher' and not teacher_ready(dirs[t][0], configs[t]):
       continue
     left.remove(i)
     if claim(args, dirs[i][0]):
@@ -503,12 +513,12 @@ def next_cell(args, todo, left, dirs, teacher_index):
   return None
 
 
-def claimed_cells(args, todo, to_train, dirs, teacher_index, poll_s=5.0):
+def claimed_cells(args, todo, to_train, dirs, teacher_index, configs, poll_s=5.0):
   """Yields the cells this worker trains, taken from the queue shared with the other workers."""
   left = list(to_train)
   waited = 0.0
   while left:
-    i = next_cell(args, todo, left, dirs, teacher_index)
+    i = next_cell(args, todo, left, dirs, teacher_index, configs)
     if i is not None:
       waited = 0.0
       yield i
@@ -538,11 +548,11 @@ def worker_share(spec):
   return k, n
 
 
-def wait_for_teacher(workdir, timeout_s, poll_s=5.0):
-  """Blocks until another worker has finished the teacher in `workdir`."""
+def wait_for_teacher(workdir, config, timeout_s, poll_s=5.0):
+  """Blocks until another worker has finished the teacher in `workdir` (by `config`)."""
   t0 = time.time()
   announced = False
-  while finished(workdir, 'teacher') is None:
+  while not teacher_ready(workdir, config):
     if time.time() - t0 > timeout_s:
       raise SystemExit(f'teacher {workdir} not finished after {timeout_s:.0f} s; is its worker '
                        'alive? Rerun the same command to resume.')

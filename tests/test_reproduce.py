@@ -151,23 +151,24 @@ def test_work_queue_claims_each_cell_once_and_students_wait_for_their_teacher(tm
   dirs = [(str(tmp_path / f'{m}_{s}'), 'teacher' if m == 'teacher' else 'student')
           for m, _, s in todo]
   teacher_index = {22: 0, 32: 1}
+  configs = [None] * len(todo)  # no config check here (test_a_teacher_of_another_config_...)
   a, b = list(range(5)), list(range(5))  # the cells each worker still considers
-  assert r.next_cell(args, todo, a, dirs, teacher_index) == 0  # A: teacher 22
-  assert r.next_cell(args, todo, b, dirs, teacher_index) == 1  # B: 22 is claimed -> teacher 32
+  assert r.next_cell(args, todo, a, dirs, teacher_index, configs) == 0  # A: teacher 22
+  assert r.next_cell(args, todo, b, dirs, teacher_index, configs) == 1  # B: 22 is claimed -> teacher 32
   assert b == [2, 3, 4]
   # Students wait: neither teacher has finished, so nothing can start (and nothing is dropped).
-  assert r.next_cell(args, todo, a, dirs, teacher_index) is None and a == [2, 3, 4]
+  assert r.next_cell(args, todo, a, dirs, teacher_index, configs) is None and a == [2, 3, 4]
   # Teacher 32 finishes first: A (idle) takes its student although seed 22's come first in order.
   os.makedirs(dirs[1][0])
   with open(os.path.join(dirs[1][0], 'metrics.json'), 'w') as f:
     json.dump({'teacher': {}}, f)
-  assert r.next_cell(args, todo, a, dirs, teacher_index) == 4 and a == [2, 3]
+  assert r.next_cell(args, todo, a, dirs, teacher_index, configs) == 4 and a == [2, 3]
   os.makedirs(dirs[0][0])
   with open(os.path.join(dirs[0][0], 'metrics.json'), 'w') as f:
     json.dump({'teacher': {}}, f)
-  assert r.next_cell(args, todo, b, dirs, teacher_index) == 2  # B
-  assert r.next_cell(args, todo, a, dirs, teacher_index) == 3  # A: 2 is B's
-  assert r.next_cell(args, todo, b, dirs, teacher_index) is None and b == []  # all claimed
+  assert r.next_cell(args, todo, b, dirs, teacher_index, configs) == 2  # B
+  assert r.next_cell(args, todo, a, dirs, teacher_index, configs) == 3  # A: 2 is B's
+  assert r.next_cell(args, todo, b, dirs, teacher_index, configs) is None and b == []  # all claimed
   assert sorted(os.listdir(tmp_path / '.claims')) == sorted(
       os.path.basename(d) for d, _ in dirs)
 
@@ -179,7 +180,35 @@ def test_claimed_cells_gives_up_when_a_teacher_never_finishes(tmp_path):
   dirs = [(str(tmp_path / 'teacher_s22'), 'teacher'), (str(tmp_path / 'ce_m2.5_s22'), 'student')]
   assert r.claim(args, dirs[0][0])  # another worker holds the teacher and never finishes it
   with pytest.raises(SystemExit, match=r'still wait for their teachers after 0 s.*Rerun'):
-    list(r.claimed_cells(args, todo, [0, 1], dirs, {22: 0}, poll_s=0.01))
+    list(r.claimed_cells(args, todo, [0, 1], dirs, {22: 0}, [None, None], poll_s=0.01))
+
+
+def test_a_teacher_of_another_config_does_not_release_its_students(tmp_path, capsys):
+  """Workers: a seed's teacher workdir still holding the metrics of another config (a sweep rerun
+  with other settings) is not a finished teacher: its students wait until a worker has trained it
+  again under this sweep's config, instead of distilling from the old one."""
+  from camkd_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from camkd_jax import runs  # pylint: disable=g-import-not-at-top
+  r = _reproduce_module()
+  old = r.parse_args(['--protocol=paper', '--set=teacher.num_epochs=2', f'--workdir={tmp_path}'])
+  args = r.parse_args(['--protocol=paper', '--set=teacher.num_epochs=3', f'--workdir={tmp_path}'])
+  todo = [('teacher', None, 22), ('ce', 2.5, 22)]
+  dirs = [(r.cell_dir(args, c), r.study_report.cell_key(c)) for c in todo]
+  configs = [r.cell_config(args, c, dirs[0][0]) for c in todo]
+  os.makedirs(dirs[0][0])
+  checkpoints.write_json(os.path.join(dirs[0][0], 'config.json'),
+                         runs.config_dict(r.cell_config(old, todo[0], dirs[0][0])), barrier=False)
+  checkpoints.write_json(os.path.join(dirs[0][0], 'metrics.json'), {'teacher': {}}, barrier=False)
+  assert r.claim(args, dirs[0][0])  # another worker trains the teacher again
+  left = [1]
+  capsys.readouterr()
+  assert r.next_cell(args, todo, left, dirs, {22: 0}, configs) is None and left == [1]
+  assert not r.teacher_ready(dirs[0][0], configs[0]) and r.teacher_ready(dirs[0][0], None)
+  assert 'another config' not in capsys.readouterr().out  # polling says nothing
+  # Trained again under this config: the student may start.
+  checkpoints.write_json(os.path.join(dirs[0][0], 'config.json'), runs.config_dict(configs[0]),
+                         barrier=False)
+  assert r.next_cell(args, todo, left, dirs, {22: 0}, configs) == 1
 
 
 def _reproduce_module():
