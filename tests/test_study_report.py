@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,3 +107,35 @@ def test_page_head_names_the_teacher_selection_and_cost():
   results[('teacher', None, 22)]['teacher'] = {'train_wall_time_s': 1800.0}
   text = sr.wall_text(results, 0.0)
   assert 'took 3.0 h' in text and 'every run of a cell)' in text and 'older' not in text, text
+
+
+def test_write_report_from_a_hand_made_grid(tmp_path):
+  """write_report on {cell: metrics} made here (no sweep, no store): the page, its table as
+  JSON, the figures; the paired row is the hand computation."""
+  def metrics(key, test, val=0.9, epochs=2):
+    report = {'val': {'kappa': val, 'balanced_accuracy': val},
+              'test': {'kappa': test, 'balanced_accuracy': test}, 'epoch': epochs,
+              'history': [{'epoch': e + 1, 'val': {'kappa': val}} for e in range(epochs)]}
+    return {key: report}
+  results = {}
+  for seed, (t, ce, at) in {1: (0.95, 0.70, 0.80), 2: (0.97, 0.75, 0.78)}.items():
+    results[('teacher', None, seed)] = metrics('teacher', t)
+    results[('ce', 2.5, seed)] = metrics('student', ce)
+    results[('at', 2.5, seed)] = metrics('student', at)
+  out = tmp_path / 'page' / 'R.md'
+  table = sr.write_report(results, str(out), [2.5], ['ce', 'at'], [1, 2], title='Hand',
+                          command='python somewhere.py', seeds_text='1,2',
+                          labels=('10x', 'validation kappa'), wall=0.0,
+                          fingerprints={c: 'same' for c in results})
+  text = out.read_text()
+  assert text.startswith('# Hand\n\nProduced by `python somewhere.py`')
+  assert table[('at', 2.5)]['test']['kappa'][:2] == pytest.approx((0.79, np.std([0.8, 0.78],
+                                                                                ddof=1)))
+  row = [l for l in text.splitlines() if l.startswith('| AT+ - CE | 2.5x |')]
+  cells = [c.strip() for c in row[0].split('|')[1:-1]]
+  # differences +0.10 and +0.03: mean +0.065, both wins; gap closed 0.065 / mean(0.25, 0.22)
+  assert cells[2:4] == ['2', '+0.065'] and cells[7] == '2 / 2', cells
+  assert cells[10] == f'{100 * 0.065 / 0.235:.0f} %', cells
+  assert json.loads((tmp_path / 'page' / 'R.json').read_text())['at|2.5']['test']['kappa'][2] == 2
+  for png in ('R_kappa.png', 'R_differences.png', 'R_curves.png'):
+    assert (tmp_path / 'page' / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', png
