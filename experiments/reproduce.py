@@ -270,7 +270,7 @@ def finished(workdir, key, config=None, note=True):
     diff = workdir_lib.config_differences(runs.read_config(workdir), runs.config_dict(config))
     if diff:
       if note:
-          print(f'  note: {path} was written by another config ({"; ".join(diff[:3])}); the '
+        print(f'  note: {path} was written by another config ({"; ".join(diff[:3])}); the '
               'cell runs again', flush=True)
       return None
   return out
@@ -457,9 +457,8 @@ def sweep(args):
       if method != 'teacher':
         t = teacher_index[seed]
         teacher_wd = dirs[t][0]
-        wait_for_teacher(teacher_wd, configs[t], args.teacher_wait_s)
         # perhaps trained by another worker meanwhile
-        local[t] = finished(teacher_wd, 'teacher', configs[t])
+        local[t] = wait_for_teacher(teacher_wd, configs[t], args.teacher_wait_s)
       new = local[i] = run_cell(configs[i], wd)
       if out is not None and kappas(out[key]) != kappas(new[key]):
         print(f'  note: retrained {method} seed={seed} differs from its stored record: '
@@ -499,8 +498,9 @@ def next_cell(args, todo, left, dirs, teacher_index, configs):
 
   A student can start once its seed's teacher is finished (its metrics.json exists, written by
   the sweep's teacher config `configs[t]`: not a teacher of another config still in the workdir,
-  which a worker is about to train again); a teacher at once. Cells another worker claimed are dropped from `left`; so is the one returned. None: every
-  cell left waits for a teacher that another worker is training.
+  which a worker is about to train again); a teacher at once. Cells another worker claimed are
+  dropped from `left`; so is the one returned. None: every cell left waits for a teacher that
+  another worker is training.
   """
   for i in list(left):
     method, _, seed = todo[i]
@@ -549,10 +549,11 @@ def worker_share(spec):
 
 
 def wait_for_teacher(workdir, config, timeout_s, poll_s=5.0):
-  """Blocks until another worker has finished the teacher in `workdir` (by `config`)."""
+  """The metrics of the teacher in `workdir` once it is finished by `config` (blocks while
+  another worker trains it)."""
   t0 = time.time()
   announced = False
-  while not teacher_ready(workdir, config):
+  while (metrics := finished(workdir, 'teacher', config, note=False)) is None:
     if time.time() - t0 > timeout_s:
       raise SystemExit(f'teacher {workdir} not finished after {timeout_s:.0f} s; is its worker '
                        'alive? Rerun the same command to resume.')
@@ -560,6 +561,7 @@ def wait_for_teacher(workdir, config, timeout_s, poll_s=5.0):
       print(f'  waiting for teacher {workdir}', flush=True)
       announced = True
     time.sleep(poll_s)
+  return metrics
 
 
 def run_workers(args, argv):
