@@ -1,4 +1,6 @@
 """camkd_jax.datasets.tfds_source: slices of a prepared builder, encoded images, example names."""
+import threading
+
 import numpy as np
 
 from camkd_jax.datasets import synthetic_histology as sh
@@ -32,3 +34,26 @@ def test_slices_names_and_empty_ranges(smoke_builder):
 
 def test_code_path_is_the_builders_file():
   assert str(tfds_source._code_path(sh.SyntheticHistology)) == sh.__file__
+
+
+def test_a_builder_is_prepared_by_one_process_at_a_time(tmp_path):
+  """While another process holds the lock and generates, `prepared` waits and then reads what it
+  wrote instead of generating the same folder again (two workers that did both failed in TFDS's
+  final rename with FileExistsError)."""
+  make = lambda: sh.SyntheticHistology(config='smoke', data_dir=str(tmp_path))
+  folder = tmp_path / 'synthetic_histology' / 'smoke'
+  folder.mkdir(parents=True)
+  generated, out = [], {}
+  waiting = threading.Thread(target=lambda: out.update(builder=tfds_source.prepared(
+      make, lambda b: (generated.append(b), b.download_and_prepare()))), daemon=True)
+  with tfds_source._file_lock(str(folder / '.prepare.lock')):  # the other process  # pylint: disable=protected-access
+    waiting.start()
+    waiting.join(1.0)
+    assert waiting.is_alive()  # blocked on the lock
+    make().download_and_prepare()
+  waiting.join(60.0)
+  assert not waiting.is_alive() and not generated
+  assert out['builder'].is_prepared() and out['builder'].info.splits['train'].num_examples == 64
+  # The lock file beside the version folder does not disturb TFDS: a new builder finds the data,
+  # and a prepared one is returned at once.
+  assert tfds_source.prepared(make, generated.append).is_prepared() and not generated

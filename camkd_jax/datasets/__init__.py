@@ -30,11 +30,14 @@ def get_source(config):
     if size not in known:
       raise ValueError(f'unknown synthetic_histology size {size!r} (config.data.synthetic_size);'
                        f' known: {known}')
-    builder = sh.SyntheticHistology(config=size, data_dir=data_dir)
-    if not builder.is_prepared():
+
+    def generate(builder):
       logging.info('generating synthetic_histology/%s into %s (once; cached by TFDS)', size,
                    builder.data_dir)
-    builder.download_and_prepare()
+      builder.download_and_prepare()
+
+    builder = tfds_source.prepared(lambda: sh.SyntheticHistology(config=size, data_dir=data_dir),
+                                   generate)
     return tfds_source.TfdsSource('synthetic_histology', builder)
   from camkd_jax.datasets import sicapv2  # pylint: disable=g-import-not-at-top
   return sicapv2.source(config)

@@ -170,14 +170,18 @@ def source(config):
   if fold not in FOLDS:
     raise base.DataError(f'unknown SICAPv2 fold {fold!r} (config.data.fold); known: {list(FOLDS)}')
   data_dir = config.data.data_dir or None
-  builder = Sicapv2(config=fold, data_dir=data_dir, skip_corrupt=bool(config.data.skip_corrupt))
-  if not builder.is_prepared():
+
+  def build(builder):
     manual_dir = config.data.manual_dir or config.data.data_dir
     if not manual_dir:  # TFDS's default place for manual downloads
       manual_dir = os.path.join(os.fspath(builder.data_dir_root), 'downloads', 'manual')
     find_root(manual_dir, fold)  # a clear error before TFDS's generic one
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+
+  builder = tfds_source.prepared(
+      lambda: Sicapv2(config=fold, data_dir=data_dir, skip_corrupt=bool(config.data.skip_corrupt)),
+      build)
   skipped = list(builder.info.metadata.get('skipped', []))
   return tfds_source.TfdsSource('sicapv2', builder, name_feature='image_name',
                                 skipped_names=skipped)

@@ -1,5 +1,8 @@
 """`base.Source` over a prepared TFDS builder; images stay encoded until the pipeline decodes."""
+import contextlib
+import fcntl
 import inspect
+import os
 
 from etils import epath
 import numpy as np
@@ -15,6 +18,40 @@ def _code_path(cls):
 # always installed (it is not here); our builders need nothing from it, so use the plain file path
 # (TFDS's own fallback). Builders set `code_path = tfds_source.CODE_PATH`.
 CODE_PATH = tfds.core.utils.classproperty(classmethod(_code_path))
+
+
+@contextlib.contextmanager
+def _file_lock(path):
+  """Holds an exclusive lock on the file at `path` (made if missing) until the block ends."""
+  with open(path, 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+    yield
+
+
+def prepared(make, prepare):
+  """`make()`'s builder, prepared by `prepare(builder)` in one process at a time.
+
+  Processes that start together (a sweep's workers, a pod's hosts on one shared disk) would each
+  generate the same folder, and all but the first fail when TFDS renames its temporary folder into
+  place. Here the first takes a lock file beside the version folders and generates; the others wait
+  for it and then read what it wrote. Cloud paths (gs://...) have no file locks and are prepared
+  unguarded. `make` is called again after the wait: a builder made before another process finished
+  still describes the unprepared folder.
+  """
+  builder = make()
+  if builder.is_prepared():
+    return builder
+  folder = os.fspath(builder.data_dir_root / builder.name / builder.builder_config.name)
+  if '://' in folder:
+    lock = contextlib.nullcontext()
+  else:
+    os.makedirs(folder, exist_ok=True)
+    lock = _file_lock(os.path.join(folder, '.prepare.lock'))
+  with lock:
+    builder = make()
+    if not builder.is_prepared():
+      prepare(builder)
+  return builder
 
 
 class TfdsSource(base.Source):
