@@ -171,17 +171,18 @@ def source(config):
     raise base.DataError(f'unknown SICAPv2 fold {fold!r} (config.data.fold); known: {list(FOLDS)}')
   data_dir = config.data.data_dir or None
 
+  def manual_dir(builder):
+    # TFDS's default place for manual downloads unless the config names one
+    return (config.data.manual_dir or config.data.data_dir
+            or os.path.join(os.fspath(builder.data_dir_root), 'downloads', 'manual'))
+
   def build(builder):
-    manual_dir = config.data.manual_dir or config.data.data_dir
-    if not manual_dir:  # TFDS's default place for manual downloads
-      manual_dir = os.path.join(os.fspath(builder.data_dir_root), 'downloads', 'manual')
-    find_root(manual_dir, fold)  # a clear error before TFDS's generic one
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir(builder)))
 
   builder = tfds_source.prepared(
       lambda: Sicapv2(config=fold, data_dir=data_dir, skip_corrupt=bool(config.data.skip_corrupt)),
-      build)
+      build, check=lambda b: find_root(manual_dir(b), fold))  # a clear error before TFDS's own
   skipped = list(builder.info.metadata.get('skipped', []))
   return tfds_source.TfdsSource('sicapv2', builder, name_feature='image_name',
                                 skipped_names=skipped)

@@ -28,7 +28,7 @@ def _file_lock(path):
     yield
 
 
-def prepared(make, prepare):
+def prepared(make, prepare, check=None):
   """`make()`'s builder, prepared by `prepare(builder)` in one process at a time.
 
   Processes that start together (a sweep's workers, a pod's hosts on one shared disk) would each
@@ -36,11 +36,14 @@ def prepared(make, prepare):
   place. Here the first takes a lock file beside the version folders and generates; the others wait
   for it and then read what it wrote. Cloud paths (gs://...) have no file locks and are prepared
   unguarded. `make` is called again after the wait: a builder made before another process finished
-  still describes the unprepared folder.
+  still describes the unprepared folder. `check(builder)`, if given, runs first, before anything is
+  written: its error (a missing manual download, say) leaves no folders behind.
   """
   builder = make()
   if builder.is_prepared():
     return builder
+  if check is not None:
+    check(builder)
   folder = os.fspath(builder.data_dir_root / builder.name / builder.builder_config.name)
   if '://' in folder:
     lock = contextlib.nullcontext()
