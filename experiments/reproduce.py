@@ -355,8 +355,9 @@ def teacher_fingerprint(metrics):
   """A short hash of a teacher's training history (per-epoch losses and metrics, full precision).
 
   Students whose records carry the same fingerprint distilled from the same teacher: a paired
-  comparison needs that. A teacher retrained on another CPU (a resumed sweep) almost surely gets
-  another history, hence another fingerprint.
+  comparison needs that. A teacher retrained on another CPU (a resumed sweep) may get another
+  history, hence another fingerprint (an AMD EPYC and an Intel Xeon, both with AVX-512 and one
+  thread, gave the same history bit for bit).
   """
   import hashlib  # pylint: disable=g-import-not-at-top
   text = json.dumps(metrics['teacher'].get('history', []), sort_keys=True)
