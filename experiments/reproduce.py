@@ -634,9 +634,10 @@ def teacher_fingerprints(args, results):
   return out
 
 
-def main(argv=None):
+def main(argv=None, args=None):
+  """Runs (or reads) the grid of `argv` and writes its report; `args`: `argv` already parsed."""
   argv = sys.argv[1:] if argv is None else list(argv)
-  args = parse_args(argv)
+  args = parse_args(argv) if args is None else args
   mags, methods, seeds = cells(args)
   if args.estimate:
     return print_estimate(args)
@@ -675,7 +676,7 @@ def cli_main(argv=None):
   if args.workers <= 1 or args.worker or args.report_only:
     interrupts.install()
   with cli.user_errors(cli.USER_ERRORS):
-    return main(argv)
+    return main(argv, args)
 
 
 if __name__ == '__main__':
