@@ -115,7 +115,12 @@ def parse_args(argv=None):
                       'selected on validation among its first N (the same rule). Exact because '
                       'a shorter run is the prefix of a longer one (constant learning rate, data '
                       'order per (seed, epoch), augmentation per step)')
-  p.add_argument('--intro', default='', help='markdown file put at the top of the report')
+  p.add_argument('--intro', default='',
+                 help='markdown file put at the top of the report; with --paired its (and '
+                      "--notes') placeholders are filled from the report's own paired numbers: "
+                      '{{at.mean}} (AT+ - CE), {{at.ci}}, {{at.n}}, {{at.wins}}, {{at.share}}, '
+                      '{{at.verdict}}, ...; {{at@8.mean}} as if stopped after 8 epochs (see '
+                      'study_report.fill_placeholders)')
   p.add_argument('--title', default='', help='the report\'s heading (default: Study results '
                  '(DATASET))')
   return p.parse_args(argv)
@@ -603,8 +608,10 @@ def study_labels(args):
 
 
 
-def select_epochs(args, results):
-  """--select_epochs=N: every student's metrics re-selected within its first N epochs."""
+def select_epochs(args, results, epochs=None):
+  """--select_epochs=N (or `epochs`): every student's metrics re-selected within its first N
+  epochs."""
+  epochs = epochs or args.select_epochs
   out = {}
   for cell, metrics in results.items():
     if cell[0] == 'teacher':
@@ -612,7 +619,7 @@ def select_epochs(args, results):
       continue
     config = method_config(cell[0], config_arg(args, cell[1]), cell[2], args.set)
     min_delta = float(config.selection.min_delta)
-    student = study_report.select_within(metrics['student'], args.select_epochs, min_delta)
+    student = study_report.select_within(metrics['student'], epochs, min_delta)
     out[cell] = {**metrics, 'student': student}
   return out
 
@@ -653,6 +660,9 @@ def main(argv=None, args=None):
     return None  # the parent writes the report once every worker is done
   if args.select_epochs:
     results = select_epochs(args, results)
+  # the earlier views the intro and notes quote ({{at@8.mean}}), seen from the same results
+  views = {n: select_epochs(args, results, n)
+           for n in study_report.placeholder_epochs(args.intro, args.notes)} if args.paired else {}
   import shlex  # pylint: disable=g-import-not-at-top
   return study_report.write_report(
       results, args.out, mags, methods, seeds,
@@ -661,7 +671,7 @@ def main(argv=None, args=None):
       command='python experiments/reproduce.py ' + shlex.join(sys.argv[1:]),
       seeds_text=args.seeds, labels=study_labels(args), wall=wall, plot_path=args.plot,
       intro=args.intro, notes=args.notes,
-      fingerprints=teacher_fingerprints(args, results) if args.paired else None)
+      fingerprints=teacher_fingerprints(args, results) if args.paired else None, views=views)
 
 
 def cli_main(argv=None):

@@ -3,16 +3,21 @@
 A page (`write_report`): the command that made it, the mean +- std table over seeds, each seed's
 values, test kappa against magnification; with `paired`, the differences to CE within a seed (95 %
 CIs by bootstrap and paired t, wins, the share of the teacher - CE gap closed, the seed count for a
-target CI width), validation kappa after every epoch, and their figures. Pure NumPy and matplotlib
+target CI width), validation kappa after every epoch, and their figures; its intro and notes may
+quote those numbers as `{{...}}` placeholders filled from the same results (`fill_placeholders`),
+and the paired numbers are kept beside the page as `<page>_paired.json`. Pure NumPy and matplotlib
 over camkd_jax.metrics / reporting: no JAX, no TensorFlow.
 
 A result set is {cell: metrics}, a cell (method, magnification, seed), a teacher
 ('teacher', None, seed); `cell_key` names the report of the cell's own model in its metrics.
 """
+import json
 import os
+import re
 
 import numpy as np
 
+from camkd_jax import errors
 from camkd_jax import metrics as metrics_lib
 from camkd_jax import reporting
 from camkd_jax import runs
@@ -305,10 +310,23 @@ def paired_markdown(results, fingerprints, mags, methods, seeds):
   return '\n'.join(out), stats
 
 
+def last_epoch_count(results, mags, methods, seeds):
+  """(students whose selected epoch is their last one, students) among the grid's cells."""
+  last = total = 0
+  for mag in mags:
+    for m in methods:
+      for s in seeds:
+        r = results.get((m, mag, s))
+        if r is not None:
+          total += 1
+          last += r['student']['epoch'] == len(r['student'].get('history') or [])
+  return last, total
+
+
 def epoch_markdown(results, mags, methods, seeds):
   """Validation kappa after every epoch of every student (the selected one in bold) and how
   often the selected epoch is the last one."""
-  rows, last, total, width = [], 0, 0, 0
+  rows, width = [], 0
   for mag in mags:
     for m in methods:
       for s in seeds:
@@ -321,8 +339,7 @@ def epoch_markdown(results, mags, methods, seeds):
         rows.append([METHOD_LABELS[m], f'{mag:g}x', str(s)] + [
             f'**{e["val"]["kappa"]:.3f}**' if e['epoch'] == sel else f'{e["val"]["kappa"]:.3f}'
             for e in h] + [str(sel)])
-        total += 1
-        last += sel == len(h)
+  last, total = last_epoch_count(results, mags, methods, seeds)
   if not rows:
     return ''
   rows = [r[:3] + r[3:-1] + [''] * (width + 4 - len(r)) + r[-1:] for r in rows]
@@ -408,23 +425,154 @@ def plot_curves(results, mags, methods, seeds, path):
   return drawn
 
 
+# ------------------------------------------------------- the numbers quoted in the intro and notes
+PLACEHOLDER = re.compile(r'\{\{([^{}]*)\}\}')
+PLACEHOLDER_FORM = ('{{METHOD.FIELD}}, {{METHOD@N.FIELD}} (the run as if stopped after N epochs), '
+                    'METHOD:MAG when the page has several magnifications, PAGE.md#... for '
+                    "another page's paired numbers, or {{last_epoch}}")
+
+
+def paired_numbers(results, fingerprints, mags, methods, seeds):
+  """{'METHOD|MAG': the raw paired numbers of METHOD - CE, JSON-ready} (see difference_stats)."""
+  pairs, _ = paired_table(results, fingerprints, mags, methods, seeds)
+  out = {}
+  for (method, mag), rows in pairs.items():
+    st = difference_stats(rows)
+    gap = np.subtract(rows['teacher'], rows['baseline'])
+    out[f'{method}|{mag:g}'] = {
+        'seeds': list(rows['seeds']), 'diffs': st['diffs'], 'mean': st['t']['mean'],
+        'lo': st['t']['lo'], 'hi': st['t']['hi'], 'p': st['t']['p'], 'sd': st['t']['std'],
+        'boot_lo': st['bootstrap']['lo'], 'boot_hi': st['bootstrap']['hi'],
+        'wins': st['wins']['wins'], 'gap': float(gap.mean()), 'gap_closed': st['gap_closed'],
+        'ce': st['baseline_mean'], 'teacher': st['teacher_mean'],
+        'ce_sd': float(np.std(rows['baseline'], ddof=1)) if len(gap) > 1 else float('nan'),
+        'teacher_sd': float(np.std(rows['teacher'], ddof=1)) if len(gap) > 1 else float('nan'),
+        'seeds_for_target': st['seeds_for_target']}
+  return out
+
+
+def _words(items):
+  items = [str(i) for i in items]
+  return items[0] if len(items) == 1 else ', '.join(items[:-1]) + ' and ' + items[-1]
+
+
+def verdict(x, target=TARGET_HALF_WIDTH):
+  """What the paired t interval of one difference says, in words (the method is the subject)."""
+  if x['lo'] > 0:
+    return 'beats CE'
+  if x['hi'] < 0:
+    return 'does worse than CE'
+  if (x['hi'] - x['lo']) / 2 <= target:
+    return 'does not beat CE'
+  return 'is not answered yet'
+
+
+def format_field(x, field):
+  """One field of paired_numbers' entry `x` as the page writes it; None if there is no such."""
+  x = {k: float('nan') if v is None else v for k, v in x.items()}  # None: JSON's non-finite
+  pct = lambda v: _fmt(100 * v, '.0f', ' %')
+  fields = {
+      'n': lambda: str(len(x['diffs'])), 'mean': lambda: _fmt(x['mean']),
+      'ci': lambda: _interval(x['lo'], x['hi']),
+      'boot': lambda: _interval(x['boot_lo'], x['boot_hi']),
+      'lo': lambda: _fmt(x['lo']), 'hi': lambda: _fmt(x['hi']), 'p': lambda: _fmt(x['p'], '.3f'),
+      'sd': lambda: _fmt(x['sd'], '.3f'), 'half': lambda: _fmt((x['hi'] - x['lo']) / 2, '.3f'),
+      'wins': lambda: str(x['wins']), 'gap': lambda: f'{x["gap"]:.3f}',
+      'share': lambda: pct(x['gap_closed']),
+      'hi_share': lambda: pct(x['hi'] / x['gap'] if x['gap'] > 0 else float('nan')),
+      'ce': lambda: f'{x["ce"]:.3f}', 'ce_sd': lambda: _fmt(x['ce_sd'], '.3f'),
+      'teacher': lambda: f'{x["teacher"]:.3f}',
+      'teacher_sd': lambda: _fmt(x['teacher_sd'], '.3f'),
+      'need': lambda: _fmt(x['seeds_for_target'], '.0f'),
+      'seeds': lambda: _words(x['seeds']), 'diffs': lambda: _words(_fmt(d) for d in x['diffs']),
+      'verdict': lambda: verdict(x)}
+  return fields[field]() if field in fields else None
+
+
+def fill_placeholders(text, numbers, source, page_dir='.', page=None):
+  """`text` (an intro or notes file, named `source` in errors) with every `{{...}}` replaced:
+  {{at.mean}} is AT+ - CE's mean difference in `numbers` (paired_numbers of the page, views after
+  N epochs under 'at|2.5@N'), {{at@8.ci}} its paired-t CI when every run is seen as stopped after 8
+  epochs, {{at:2.5.n}} names the magnification, {{RESULTS_x.md#at.mean}} reads another page's
+  `_paired.json` beside this one, {{last_epoch}} is `page['last_epoch']`. An unknown or
+  unavailable placeholder is a UserError naming it and `source`."""
+  def value(match):
+    key = match.group(1).strip()
+    def bad(why):
+      return errors.UserError(f'{source}: {{{{{key}}}}}: {why}; placeholders are '
+                              f'{PLACEHOLDER_FORM}')
+    if key in (page or {}):
+      return str(page[key])
+    table, name = numbers, key
+    if '#' in key:
+      other, name = key.split('#', 1)
+      path = os.path.join(page_dir, os.path.splitext(other)[0] + '_paired.json')
+      if not os.path.exists(path):
+        raise bad(f'{path} does not exist (build that page first)')
+      with open(path) as f:
+        table = json.load(f)
+    m = re.fullmatch(r'([a-z_]+)(?::([0-9.]+))?(?:@([0-9]+))?\.([a-z_]+)', name)
+    if not m:
+      raise bad('not a placeholder')
+    method, mag, epochs, field = m.groups()
+    view = f'@{epochs}' if epochs else ''
+    keys = [k for k in table if k.endswith(view) and '@' not in k[:len(k) - len(view)]
+            and k.split('|')[0] == method
+            and (mag is None or float(k.split('|')[1].split('@')[0]) == float(mag))]
+    if not keys:
+      raise bad(f'no paired numbers for {method}' + (f' at {mag}x' if mag else '')
+                + (f' after {epochs} epochs' if epochs else ''))
+    if len(keys) > 1:
+      raise bad(f'{method} is paired at several magnifications ({", ".join(keys)}); name one as '
+                f'{method}:MAG')
+    text_value = format_field(table[keys[0]], field)
+    if text_value is None:
+      raise bad(f'no field {field!r}')
+    return text_value
+  return PLACEHOLDER.sub(value, text)
+
+
+def placeholder_epochs(*paths):
+  """The N of every {{METHOD@N.FIELD}} in the files (the views write_report must be given)."""
+  found = set()
+  for path in paths:
+    if path and os.path.exists(path):
+      with open(path) as f:
+        for key in PLACEHOLDER.findall(f.read()):
+          if '#' not in key:
+            found.update(int(n) for n in re.findall(r'@([0-9]+)', key))
+  return sorted(found)
+
+
 # ----------------------------------------------------------------------------- the page
 def write_report(results, out, mags, methods, seeds, *, title, command, seeds_text, labels, wall,
-                 plot_path='', intro='', notes='', fingerprints=None):
+                 plot_path='', intro='', notes='', fingerprints=None, views=None):
   """Writes the page `out` (markdown), its table as `out`'s .json and its figures beside it;
   prints the page and returns the table (`aggregate`). `fingerprints` ({cell: teacher
-  fingerprint}, see `paired_table`) adds the paired sections; `intro` and `notes` are markdown
-  files put after the page's first paragraph and at its end."""
+  fingerprint}, see `paired_table`) adds the paired sections and `out`'s _paired.json (the paired
+  numbers of `results` and of every {N: results as if stopped after N epochs} in `views`);
+  `intro` and `notes` are markdown files put after the page's first paragraph and at its end,
+  their placeholders filled (`fill_placeholders`)."""
   table = aggregate(results)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  numbers = {}
+  if fingerprints is not None:
+    numbers = paired_numbers(results, fingerprints, mags, methods, seeds)
+    for epochs, seen in sorted((views or {}).items()):
+      numbers.update({f'{k}@{epochs}': v for k, v in
+                      paired_numbers(seen, fingerprints, mags, methods, seeds).items()})
+  last, total = last_epoch_count(results, mags, methods, seeds)
+  page = {'last_epoch': f'{last} of {total}'}
+  def read(path):
+    with open(path) as f:
+      return fill_placeholders(f.read(), numbers, path, os.path.dirname(os.path.abspath(out)), page)
   plot_path = plot_path or os.path.splitext(out)[0] + '_kappa.png'
   teacher_label = labels[0]
   plot(table, mags, methods, plot_path, teacher_label)
   text = markdown(table, wall, mags, methods, results, title=title, command=command,
                   seeds=seeds_text, labels=labels)
   if intro and os.path.exists(intro):
-    with open(intro) as f:
-      text = text.replace('\n\n', '\n\n' + f.read().strip() + '\n\n', 1)
+    text = text.replace('\n\n', '\n\n' + read(intro).strip() + '\n\n', 1)
   text = text.replace('\n\n', '\n\n' + completeness(results, mags, methods, seeds), 1)
   text += per_seed_markdown(results, mags, methods, seeds, teacher_label)
   text += f'\n![test kappa vs magnification]({os.path.basename(plot_path)})\n'
@@ -439,10 +587,11 @@ def write_report(results, out, mags, methods, seeds, *, title, command, seeds_te
     if plot_curves(results, mags, methods, seeds, curves_path):
       text += f'\n![validation kappa after every epoch]({os.path.basename(curves_path)})\n'
   if notes and os.path.exists(notes):
-    with open(notes) as f:
-      text += '\n' + f.read()
+    text += '\n' + read(notes)
   runs.atomic_write(out, lambda f: f.write(text))
   runs.write_json(os.path.splitext(out)[0] + '.json',
                   {f'{k[0]}|{k[1]}': v for k, v in table.items()}, indent=1)
+  if fingerprints is not None:
+    runs.write_json(os.path.splitext(out)[0] + '_paired.json', numbers, indent=1)
   print(text)
   return table

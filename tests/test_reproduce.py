@@ -1,6 +1,7 @@
 """The study sweep (experiments/reproduce.py) on a tiny grid: two cells, a few steps."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -432,3 +433,36 @@ def test_cell_logging_drops_library_info_and_keeps_the_driver_lines():
   assert not absl_logger.filter(record(tfds, std_logging.INFO))
   assert absl_logger.filter(record(orbax, std_logging.WARNING))
   assert absl_logger.filter(record(driver, std_logging.INFO))
+
+
+def test_the_paired_pages_are_what_their_commands_write(tmp_path, monkeypatch):
+  """Each committed paired page (its intro's numbers included) is what the command at its top
+  writes from the committed records alone; the 2.5x page first, whose numbers the other quotes."""
+  import shlex  # pylint: disable=g-import-not-at-top
+  r = _reproduce_module()
+  monkeypatch.chdir(REPO)
+  for page in ('RESULTS_paired_2.5x.md', 'RESULTS_paired.md'):
+    with open(os.path.join(REPO, 'experiments', page)) as f:
+      text = f.read()
+    command = re.search(r'^Produced by `python (.*?)` \(mean', text, re.M).group(1)
+    argv = [a if not a.startswith('--out=') else f'--out={tmp_path / page}'
+            for a in shlex.split(command)[1:]]
+    r.main(argv)
+    mine = (tmp_path / page).read_text()
+    drop = lambda t: re.sub(r'^Produced by `python .*?` \(mean', '', t, flags=re.M)
+    assert drop(mine) == drop(text), f'experiments/{page} is stale: rerun the command at its top'
+
+
+def test_the_readme_quotes_the_paired_pages():
+  """Every difference and interval in README's paired-study bullet is one the paired pages hold."""
+  with open(os.path.join(REPO, 'README.md')) as f:
+    readme = f.read()
+  bullet = re.search(r'^- \*\*Paired study\*\*.*?(?=^- |\Z)', readme, re.M | re.S).group(0)
+  pages = ''
+  for page in ('RESULTS_paired.md', 'RESULTS_paired_2.5x.md'):
+    with open(os.path.join(REPO, 'experiments', page)) as f:
+      pages += ' '.join(f.read().split())
+  quoted = re.findall(r'\[[-+]\d\.\d{3}, [-+]\d\.\d{3}\]|[-+]\d\.\d{3}', ' '.join(bullet.split()))
+  assert len(quoted) >= 10, bullet
+  missing = [q for q in quoted if q not in pages]
+  assert not missing, f'README quotes {missing}, which the paired pages do not hold'

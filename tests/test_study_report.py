@@ -139,3 +139,52 @@ def test_write_report_from_a_hand_made_grid(tmp_path):
   assert json.loads((tmp_path / 'page' / 'R.json').read_text())['at|2.5']['test']['kappa'][2] == 2
   for png in ('R_kappa.png', 'R_differences.png', 'R_curves.png'):
     assert (tmp_path / 'page' / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', png
+
+
+def test_intro_placeholders_are_the_pages_own_paired_numbers(tmp_path):
+  """An intro's {{...}} are filled from the page's paired numbers (by hand here), views after N
+  epochs included, and kept as <page>_paired.json for another page to quote; a placeholder that
+  names nothing is one error naming the file and the placeholder."""
+  split = lambda k: {'kappa': k, 'balanced_accuracy': k}
+  def student(test, epochs=2, key='student', selected=None):
+    return {key: {'val': split(0.9), 'test': split(test), 'epoch': selected or epochs,
+                  'history': [{'epoch': e + 1, 'val': {'kappa': 0.9}} for e in range(epochs)]}}
+  results = {}
+  for seed, (t, ce, at) in {1: (0.95, 0.70, 0.80), 2: (0.97, 0.75, 0.78)}.items():
+    results[('teacher', None, seed)] = student(t, key='teacher')
+    results[('ce', 2.5, seed)] = student(ce)
+    results[('at', 2.5, seed)] = student(at, epochs=1 + seed, selected=2)  # seed 2: 2 of 3
+  early = {**results, ('at', 2.5, 1): student(0.60)}  # the view after N epochs: AT+ loses seed 1
+  intro = tmp_path / 'intro.md'
+  intro.write_text('AT+ {{at.verdict}}: {{at.mean}} (CI {{at.ci}}; {{at.diffs}}; {{at.wins}} wins '
+                   'of {{at.n}}; {{at.share}} of the {{at.gap}} gap; seeds {{at.seeds}}); early '
+                   '{{ at@4.mean }}, {{at:2.5@4.wins}} of {{at@4.n}}; last {{last_epoch}}.\n')
+  out = tmp_path / 'R.md'
+  kwargs = dict(title='Hand', command='python x.py', seeds_text='1,2',
+                labels=('10x', 'validation kappa'), wall=0.0,
+                fingerprints={c: 'same' for c in results})
+  sr.write_report(results, str(out), [2.5], ['ce', 'at'], [1, 2], intro=str(intro),
+                  views={4: early}, **kwargs)
+  # differences +0.10 and +0.03: mean +0.065, sd 0.0495, t_{0.975, 1} = 12.706
+  half = 12.7062047 * np.std([0.10, 0.03], ddof=1) / np.sqrt(2)
+  gap = np.mean([0.95 - 0.70, 0.97 - 0.75])
+  want = (f'AT+ is not answered yet: +0.065 (CI [{0.065 - half:+.3f}, {0.065 + half:+.3f}]; '
+          f'+0.100 and +0.030; 2 wins of 2; {100 * 0.065 / gap:.0f} % of the {gap:.3f} gap; seeds '
+          f'1 and 2); early {np.mean([-0.10, 0.03]):+.3f}, 1 of 2; last 3 of 4.')
+  assert want in out.read_text(), out.read_text()
+  saved = json.loads((tmp_path / 'R_paired.json').read_text())
+  assert set(saved) == {'at|2.5', 'at|2.5@4'} and saved['at|2.5']['seeds'] == [1, 2]
+  # Another page quotes this one's numbers through its _paired.json.
+  other = tmp_path / 'other.md'
+  other.write_text('There: {{R.md#at.mean}} over {{R.md#at@4.n}} seeds.\n')
+  assert sr.fill_placeholders(other.read_text(), {}, str(other), str(tmp_path)) == (
+      'There: +0.065 over 2 seeds.\n')
+  for bad, why in [('{{at.median}}', "no field 'median'"), ('{{kd.mean}}', 'no paired numbers for kd'),
+                   ('{{at@9.mean}}', 'after 9 epochs'), ('{{at:1.25.mean}}', 'at 1.25x'),
+                   ('{{nope.md#at.mean}}', 'nope_paired.json does not exist'),
+                   ('{{at mean}}', 'not a placeholder')]:
+    intro.write_text(f'x {bad} y\n')
+    with pytest.raises(sr.errors.UserError) as e:
+      sr.write_report(results, str(out), [2.5], ['ce', 'at'], [1, 2], intro=str(intro),
+                      views={4: early}, **kwargs)
+    assert str(e.value).startswith(f'{intro}: {bad}: ') and why in str(e.value), str(e.value)
