@@ -467,6 +467,18 @@ def verdict(x, target=TARGET_HALF_WIDTH):
   return 'is not answered yet'
 
 
+def reading(x, target=TARGET_HALF_WIDTH):
+  """`verdict` as the clause that says why, from the same interval."""
+  if x['lo'] > 0:
+    return 'the interval excludes zero: a gain'
+  if x['hi'] < 0:
+    return 'the interval lies below zero: a loss'
+  if (x['hi'] - x['lo']) / 2 <= target:
+    share = f' ({100 * x["hi"] / x["gap"]:.0f} % of the gap)' if x['gap'] > 0 else ''
+    return f'the interval includes zero and rules out a gain above {x["hi"]:+.3f}{share}'
+  return 'the interval includes zero, so no gain is shown yet'
+
+
 def format_field(x, field):
   """One field of paired_numbers' entry `x` as the page writes it; None if there is no such."""
   x = {k: float('nan') if v is None else v for k, v in x.items()}  # None: JSON's non-finite
@@ -485,7 +497,7 @@ def format_field(x, field):
       'teacher_sd': lambda: _fmt(x['teacher_sd'], '.3f'),
       'need': lambda: _fmt(x['seeds_for_target'], '.0f'),
       'seeds': lambda: _words(x['seeds']), 'diffs': lambda: _words(_fmt(d) for d in x['diffs']),
-      'verdict': lambda: verdict(x)}
+      'verdict': lambda: verdict(x), 'reading': lambda: reading(x)}
   return fields[field]() if field in fields else None
 
 

@@ -156,7 +156,7 @@ def test_intro_placeholders_are_the_pages_own_paired_numbers(tmp_path):
     results[('at', 2.5, seed)] = student(at, epochs=1 + seed, selected=2)  # seed 2: 2 of 3
   early = {**results, ('at', 2.5, 1): student(0.60)}  # the view after N epochs: AT+ loses seed 1
   intro = tmp_path / 'intro.md'
-  intro.write_text('AT+ {{at.verdict}}: {{at.mean}} (CI {{at.ci}}; {{at.diffs}}; {{at.wins}} wins '
+  intro.write_text('AT+ {{at.verdict}} ({{at.reading}}): {{at.mean}} (CI {{at.ci}}; {{at.diffs}}; {{at.wins}} wins '
                    'of {{at.n}}; {{at.share}} of the {{at.gap}} gap; seeds {{at.seeds}}); early '
                    '{{ at@4.mean }}, {{at:2.5@4.wins}} of {{at@4.n}}; last {{last_epoch}}.\n')
   out = tmp_path / 'R.md'
@@ -168,7 +168,7 @@ def test_intro_placeholders_are_the_pages_own_paired_numbers(tmp_path):
   # differences +0.10 and +0.03: mean +0.065, sd 0.0495, t_{0.975, 1} = 12.706
   half = 12.7062047 * np.std([0.10, 0.03], ddof=1) / np.sqrt(2)
   gap = np.mean([0.95 - 0.70, 0.97 - 0.75])
-  want = (f'AT+ is not answered yet: +0.065 (CI [{0.065 - half:+.3f}, {0.065 + half:+.3f}]; '
+  want = (f'AT+ is not answered yet (the interval includes zero, so no gain is shown yet): +0.065 (CI [{0.065 - half:+.3f}, {0.065 + half:+.3f}]; '
           f'+0.100 and +0.030; 2 wins of 2; {100 * 0.065 / gap:.0f} % of the {gap:.3f} gap; seeds '
           f'1 and 2); early {np.mean([-0.10, 0.03]):+.3f}, 1 of 2; last 3 of 4.')
   assert want in out.read_text(), out.read_text()
@@ -179,6 +179,13 @@ def test_intro_placeholders_are_the_pages_own_paired_numbers(tmp_path):
   other.write_text('There: {{R.md#at.mean}} over {{R.md#at@4.n}} seeds.\n')
   assert sr.fill_placeholders(other.read_text(), {}, str(other), str(tmp_path)) == (
       'There: +0.065 over 2 seeds.\n')
+  # The verdict and its reason follow the interval: a gain, a loss, no gain at the target width.
+  x = dict(saved['at|2.5'], gap=0.2)
+  assert sr.verdict(dict(x, lo=0.01, hi=0.2)) == 'beats CE'
+  assert sr.reading(dict(x, lo=-0.2, hi=-0.01)) == 'the interval lies below zero: a loss'
+  assert sr.format_field(dict(x, lo=-0.02, hi=0.03), 'reading') == (
+      'the interval includes zero and rules out a gain above +0.030 (15 % of the gap)')
+  assert sr.verdict(dict(x, lo=-0.02, hi=0.03)) == 'does not beat CE'
   for bad, why in [('{{at.median}}', "no field 'median'"), ('{{kd.mean}}', 'no paired numbers for kd'),
                    ('{{at@9.mean}}', 'after 9 epochs'), ('{{at:1.25.mean}}', 'at 1.25x'),
                    ('{{nope.md#at.mean}}', 'nope_paired.json does not exist'),
