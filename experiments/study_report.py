@@ -456,27 +456,29 @@ def _words(items):
   return items[0] if len(items) == 1 else ', '.join(items[:-1]) + ' and ' + items[-1]
 
 
-def verdict(x, target=TARGET_HALF_WIDTH):
-  """What the paired t interval of one difference says, in words (the method is the subject)."""
+def standing(x, target=TARGET_HALF_WIDTH):
+  """What the paired t interval of one difference says: 'gain' (above zero), 'loss' (below),
+  'none' (it holds zero and is no wider than +-target) or 'open' (too wide to say)."""
   if x['lo'] > 0:
-    return 'beats CE'
+    return 'gain'
   if x['hi'] < 0:
-    return 'does worse than CE'
-  if (x['hi'] - x['lo']) / 2 <= target:
-    return 'does not beat CE'
-  return 'is not answered yet'
+    return 'loss'
+  return 'none' if (x['hi'] - x['lo']) / 2 <= target else 'open'
+
+
+def verdict(x, target=TARGET_HALF_WIDTH):
+  """`standing` in words (the method is the subject)."""
+  return {'gain': 'beats CE', 'loss': 'does worse than CE', 'none': 'does not beat CE',
+          'open': 'is not answered yet'}[standing(x, target)]
 
 
 def reading(x, target=TARGET_HALF_WIDTH):
-  """`verdict` as the clause that says why, from the same interval."""
-  if x['lo'] > 0:
-    return 'the interval excludes zero: a gain'
-  if x['hi'] < 0:
-    return 'the interval lies below zero: a loss'
-  if (x['hi'] - x['lo']) / 2 <= target:
-    share = f' ({100 * x["hi"] / x["gap"]:.0f} % of the gap)' if x['gap'] > 0 else ''
-    return f'the interval includes zero and rules out a gain above {x["hi"]:+.3f}{share}'
-  return 'the interval includes zero, so no gain is shown yet'
+  """`standing` as the clause that says why, from the same interval."""
+  share = f' ({100 * x["hi"] / x["gap"]:.0f} % of the gap)' if x['gap'] > 0 else ''
+  return {'gain': 'the interval excludes zero: a gain',
+          'loss': 'the interval lies below zero: a loss',
+          'none': f'the interval includes zero and rules out a gain above {x["hi"]:+.3f}{share}',
+          'open': 'the interval includes zero, so no gain is shown yet'}[standing(x, target)]
 
 
 def format_field(x, field):
