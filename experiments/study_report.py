@@ -14,6 +14,7 @@ A result set is {cell: metrics}, a cell (method, magnification, seed), a teacher
 import json
 import os
 import re
+import textwrap
 
 import numpy as np
 
@@ -543,7 +544,19 @@ def fill_placeholders(text, numbers, source, page_dir='.', page=None):
     if text_value is None:
       raise bad(f'no field {field!r}')
     return text_value
-  return PLACEHOLDER.sub(value, text)
+  return '\n\n'.join(_reflow(PLACEHOLDER.sub(value, p)) if PLACEHOLDER.search(p) else p
+                     for p in text.split('\n\n'))
+
+
+def _reflow(paragraph, width=100):
+  """A filled prose paragraph wrapped again to `width`; one that is a list, table, heading or
+  code is left as it is. No line may start with '- ' or '+ ' (it would become a list item)."""
+  if re.match(r'\s*([-*+] |[|#>]|```|[0-9]+\. )', paragraph):
+    return paragraph
+  glued = ' '.join(paragraph.split()).replace(' - ', '\x01-\x01').replace(' + ', '\x01+\x01')
+  tail = paragraph[len(paragraph.rstrip()):]
+  return textwrap.fill(glued, width, break_on_hyphens=False,
+                       break_long_words=False).replace('\x01', ' ') + tail
 
 
 def placeholder_epochs(*paths):

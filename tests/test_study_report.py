@@ -171,7 +171,7 @@ def test_intro_placeholders_are_the_pages_own_paired_numbers(tmp_path):
   want = (f'AT+ is not answered yet (the interval includes zero, so no gain is shown yet): +0.065 (CI [{0.065 - half:+.3f}, {0.065 + half:+.3f}]; '
           f'+0.100 and +0.030; 2 wins of 2; {100 * 0.065 / gap:.0f} % of the {gap:.3f} gap; seeds '
           f'1 and 2); early {np.mean([-0.10, 0.03]):+.3f}, 1 of 2; last 3 of 4.')
-  assert want in out.read_text(), out.read_text()
+  assert want in ' '.join(out.read_text().split()), out.read_text()  # wrapped again: see below
   saved = json.loads((tmp_path / 'R_paired.json').read_text())
   assert set(saved) == {'at|2.5', 'at|2.5@4'} and saved['at|2.5']['seeds'] == [1, 2]
   # Another page quotes this one's numbers through its _paired.json.
@@ -179,6 +179,16 @@ def test_intro_placeholders_are_the_pages_own_paired_numbers(tmp_path):
   other.write_text('There: {{R.md#at.mean}} over {{R.md#at@4.n}} seeds.\n')
   assert sr.fill_placeholders(other.read_text(), {}, str(other), str(tmp_path)) == (
       'There: +0.065 over 2 seeds.\n')
+  # A filled paragraph is wrapped again at 100 columns, with no line that would start a list;
+  # a list or table is left as it is.
+  long = ' '.join(['FM + AT+ - CE = {{at.mean}} (CI {{at.ci}}),'] * 12)
+  filled = sr.fill_placeholders(f'{long}\n\n- {long}\n', saved, 'x.md')
+  prose, bullet = filled.split('\n\n')
+  assert ' '.join(prose.split()) == ' '.join(
+      ['FM + AT+ - CE = +0.065 (CI [-0.380, +0.510]),'] * 12)
+  assert max(map(len, prose.splitlines())) <= 100 and len(prose.splitlines()) > 3
+  assert not [l for l in prose.splitlines() if l.startswith(('- ', '+ '))], prose
+  assert bullet.count('\n') == 1 and bullet.startswith('- FM + AT+')  # as written, filled
   # The verdict and its reason follow the interval: a gain, a loss, no gain at the target width.
   x = dict(saved['at|2.5'], gap=0.2)
   assert sr.verdict(dict(x, lo=0.01, hi=0.2)) == 'beats CE'
