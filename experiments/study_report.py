@@ -228,16 +228,24 @@ TARGET_HALF_WIDTH = 0.03  # the 95 % CI half-width the study plans its seed coun
 
 
 def difference_stats(rows, resamples=10000, seed=0):
-  """The summary of one method's per-seed differences method - CE."""
+  """The summary of one method's per-seed differences method - CE (rows: see paired_table)."""
   d = np.subtract(rows['method'], rows['baseline'])
   t = metrics_lib.paired_t(d)
   boot = metrics_lib.bootstrap_ci(d, resamples=resamples, seed=seed)
-  return {'n': len(d), 'diffs': d.tolist(), 't': t, 'bootstrap': boot,
-          'wins': metrics_lib.wins(d),
+  sd = lambda v: float(np.std(v, ddof=1)) if len(d) > 1 else float('nan')
+  return {'n': len(d), 'seeds': list(rows['seeds']), 'diffs': d.tolist(), 't': t,
+          'bootstrap': boot, 'wins': metrics_lib.wins(d),
           'gap_closed': metrics_lib.gap_closed(rows['method'], rows['baseline'], rows['teacher']),
-          'baseline_mean': float(np.mean(rows['baseline'])),
-          'teacher_mean': float(np.mean(rows['teacher'])),
+          'gap': float(np.subtract(rows['teacher'], rows['baseline']).mean()),
+          'baseline_mean': float(np.mean(rows['baseline'])), 'baseline_sd': sd(rows['baseline']),
+          'teacher_mean': float(np.mean(rows['teacher'])), 'teacher_sd': sd(rows['teacher']),
           'seeds_for_target': metrics_lib.seeds_for_half_width(t['std'], TARGET_HALF_WIDTH)}
+
+
+def paired_stats(results, fingerprints, mags, methods, seeds):
+  """({(method, mag): difference_stats of its pairs}, the cells left out): see paired_table."""
+  pairs, mismatched = paired_table(results, fingerprints, mags, methods, seeds)
+  return {key: difference_stats(rows) for key, rows in pairs.items()}, mismatched
 
 
 def _fmt(x, spec='+.3f', suffix=''):
@@ -251,7 +259,7 @@ def _interval(lo, hi):
 
 def paired_markdown(results, fingerprints, mags, methods, seeds):
   """The paired sections: per-seed rows, the difference table, validation kappa per epoch."""
-  pairs, mismatched = paired_table(results, fingerprints, mags, methods, seeds)
+  stats, mismatched = paired_stats(results, fingerprints, mags, methods, seeds)
   split, metric = PAIRED_METRIC
   out = [f'\n## Paired comparison: {split} {metric}, method - CE within a seed\n',
          'Every method of a seed distils from the same teacher checkpoint (its fingerprint is '
@@ -266,9 +274,8 @@ def paired_markdown(results, fingerprints, mags, methods, seeds):
     out.append('Left out (distilled from another teacher than CE of the same seed): '
                + ', '.join(f'{METHOD_LABELS[m]} {g:g}x seed {s}' for m, g, s in mismatched)
                + '.\n')
-  rows, stats = [], {}
-  for (method, mag), r in pairs.items():
-    st = stats[(method, mag)] = difference_stats(r)
+  rows = []
+  for (method, mag), st in stats.items():
     t, b, w = st['t'], st['bootstrap'], st['wins']
     rows.append([f'{METHOD_LABELS[method]} - CE', f'{mag:g}x', str(st['n']), _fmt(t['mean']),
                  _interval(b['lo'], b['hi']), _interval(t['lo'], t['hi']), _fmt(t['p'], '.3f'),
@@ -299,7 +306,7 @@ def paired_markdown(results, fingerprints, mags, methods, seeds):
         cells.append('-' if r is None else
                      f'{_value(r):.3f} (e{r["student"]["epoch"]})')
       for m in others:
-        ok = pairs.get((m, mag)) and s in pairs[(m, mag)]['seeds']
+        ok = (m, mag) in stats and s in stats[(m, mag)]['seeds']
         cells.append(_fmt(_value(results[(m, mag, s)]) - _value(results[(BASELINE, mag, s)]))
                      if ok else '-')
       if any(c != '-' for c in cells[2:]):
@@ -428,28 +435,25 @@ def plot_curves(results, mags, methods, seeds, path):
 
 # ------------------------------------------------------- the numbers quoted in the intro and notes
 PLACEHOLDER = re.compile(r'\{\{([^{}]*)\}\}')
+# what is inside: [PAGE.md#]METHOD[:MAG][@N].FIELD
+KEY = re.compile(r'(?:(?P<page>[^#]+)#)?(?P<method>[a-z_]+)(?::(?P<mag>[0-9.]+))?'
+                 r'(?:@(?P<epochs>[0-9]+))?\.(?P<field>[a-z_]+)')
 PLACEHOLDER_FORM = ('{{METHOD.FIELD}}, {{METHOD@N.FIELD}} (the run as if stopped after N epochs), '
                     'METHOD:MAG when the page has several magnifications, PAGE.md#... for '
                     "another page's paired numbers, or {{last_epoch}}")
 
 
-def paired_numbers(results, fingerprints, mags, methods, seeds):
-  """{'METHOD|MAG': the raw paired numbers of METHOD - CE, JSON-ready} (see difference_stats)."""
-  pairs, _ = paired_table(results, fingerprints, mags, methods, seeds)
-  out = {}
-  for (method, mag), rows in pairs.items():
-    st = difference_stats(rows)
-    gap = np.subtract(rows['teacher'], rows['baseline'])
-    out[f'{method}|{mag:g}'] = {
-        'seeds': list(rows['seeds']), 'diffs': st['diffs'], 'mean': st['t']['mean'],
-        'lo': st['t']['lo'], 'hi': st['t']['hi'], 'p': st['t']['p'], 'sd': st['t']['std'],
-        'boot_lo': st['bootstrap']['lo'], 'boot_hi': st['bootstrap']['hi'],
-        'wins': st['wins']['wins'], 'gap': float(gap.mean()), 'gap_closed': st['gap_closed'],
-        'ce': st['baseline_mean'], 'teacher': st['teacher_mean'],
-        'ce_sd': float(np.std(rows['baseline'], ddof=1)) if len(gap) > 1 else float('nan'),
-        'teacher_sd': float(np.std(rows['teacher'], ddof=1)) if len(gap) > 1 else float('nan'),
-        'seeds_for_target': st['seeds_for_target']}
-  return out
+def paired_numbers(stats, view=''):
+  """{'METHOD|MAG' + view: the raw numbers of METHOD - CE, JSON-ready} from paired_stats' stats
+  (`view`: '@N' for the runs seen as stopped after N epochs)."""
+  return {f'{method}|{mag:g}{view}': {
+      'seeds': st['seeds'], 'diffs': st['diffs'], 'mean': st['t']['mean'], 'lo': st['t']['lo'],
+      'hi': st['t']['hi'], 'p': st['t']['p'], 'sd': st['t']['std'],
+      'boot_lo': st['bootstrap']['lo'], 'boot_hi': st['bootstrap']['hi'],
+      'wins': st['wins']['wins'], 'gap': st['gap'], 'gap_closed': st['gap_closed'],
+      'ce': st['baseline_mean'], 'teacher': st['teacher_mean'], 'ce_sd': st['baseline_sd'],
+      'teacher_sd': st['teacher_sd'], 'seeds_for_target': st['seeds_for_target']}
+          for (method, mag), st in stats.items()}
 
 
 def _words(items):
@@ -518,22 +522,23 @@ def fill_placeholders(text, numbers, source, page_dir='.', page=None):
                               f'{PLACEHOLDER_FORM}')
     if key in (page or {}):
       return str(page[key])
-    table, name = numbers, key
-    if '#' in key:
-      other, name = key.split('#', 1)
+    m = KEY.fullmatch(key)
+    if not m:
+      raise bad('not a placeholder')
+    other, method, mag, epochs, field = m.groups()
+    table = numbers
+    if other:
       path = os.path.join(page_dir, os.path.splitext(other)[0] + '_paired.json')
       if not os.path.exists(path):
         raise bad(f'{path} does not exist (build that page first)')
       with open(path) as f:
         table = json.load(f)
-    m = re.fullmatch(r'([a-z_]+)(?::([0-9.]+))?(?:@([0-9]+))?\.([a-z_]+)', name)
-    if not m:
-      raise bad('not a placeholder')
-    method, mag, epochs, field = m.groups()
-    view = f'@{epochs}' if epochs else ''
-    keys = [k for k in table if k.endswith(view) and '@' not in k[:len(k) - len(view)]
-            and k.split('|')[0] == method
-            and (mag is None or float(k.split('|')[1].split('@')[0]) == float(mag))]
+    def wanted(k):  # 'at|2.5@8': AT+ at 2.5x, seen after 8 epochs
+      k_method, rest = k.split('|')
+      k_mag, _, k_epochs = rest.partition('@')
+      return (k_method == method and k_epochs == (epochs or '')
+              and (mag is None or float(k_mag) == float(mag)))
+    keys = [k for k in table if wanted(k)]
     if not keys:
       raise bad(f'no paired numbers for {method}' + (f' at {mag}x' if mag else '')
                 + (f' after {epochs} epochs' if epochs else ''))
@@ -566,8 +571,9 @@ def placeholder_epochs(*paths):
     if path and os.path.exists(path):
       with open(path) as f:
         for key in PLACEHOLDER.findall(f.read()):
-          if '#' not in key:
-            found.update(int(n) for n in re.findall(r'@([0-9]+)', key))
+          m = KEY.fullmatch(key.strip())
+          if m and m['epochs'] and not m['page']:
+            found.add(int(m['epochs']))
   return sorted(found)
 
 
@@ -584,10 +590,11 @@ def write_report(results, out, mags, methods, seeds, *, title, command, seeds_te
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   numbers = {}
   if fingerprints is not None:
-    numbers = paired_numbers(results, fingerprints, mags, methods, seeds)
+    paired, stats = paired_markdown(results, fingerprints, mags, methods, seeds)
+    numbers = paired_numbers(stats)
     for epochs, seen in sorted((views or {}).items()):
-      numbers.update({f'{k}@{epochs}': v for k, v in
-                      paired_numbers(seen, fingerprints, mags, methods, seeds).items()})
+      numbers.update(paired_numbers(paired_stats(seen, fingerprints, mags, methods, seeds)[0],
+                                    f'@{epochs}'))
   last, total = last_epoch_count(results, mags, methods, seeds)
   page = {'last_epoch': f'{last} of {total}'}
   def read(path):
@@ -604,7 +611,6 @@ def write_report(results, out, mags, methods, seeds, *, title, command, seeds_te
   text += per_seed_markdown(results, mags, methods, seeds, teacher_label)
   text += f'\n![test kappa vs magnification]({os.path.basename(plot_path)})\n'
   if fingerprints is not None:
-    paired, stats = paired_markdown(results, fingerprints, mags, methods, seeds)
     text += paired
     if stats:
       diff_path = os.path.splitext(out)[0] + '_differences.png'
